@@ -1,0 +1,133 @@
+"""Query blocks: the unit that shares one selection of key blocks.
+
+A batch mixes decode rows (one new query) and prefill chunks (many). Both pruning and sparse
+attention work per *query block*: up to ``block_size_q`` consecutive queries of one sequence. A
+decode row is one block of one query. Each block has one window start ``W0``::
+
+    sequence s:  |0 ....... sink|....... candidates [sink, W0) .......|W0 ...... p0 .. p0+n-1|
+                                                                        └ window ┘ └ queries ┘
+    W0 = max(sink, p0 - window + 1)   (p0: position of the block's first query)
+
+Every query p of the block attends to sink keys ``[0, min(sink, p + 1))``, the selected tokens
+(all ``< W0``) and the window keys ``[W0, p]``: disjoint parts, so nothing is counted twice.
+Later queries of a prefill block see a window up to ``block_size_q - 1`` tokens longer; that keeps
+one selection valid for the whole block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["QueryBlocks", "build_query_blocks"]
+
+
+@dataclass
+class QueryBlocks:
+    """Descriptors of ``num_blocks`` query blocks (all int32, on the kernels' device).
+
+    The ``*_cpu`` fields are host copies, filled when the blocks are built, so launchers can size
+    grids and buffers without a device sync (a requirement of CUDA-graph capture).
+    """
+
+    seq: torch.Tensor
+    """[NB] index of the block's sequence (row of ``block_table`` / ``seq_lens``)."""
+    q_start: torch.Tensor
+    """[NB] row in the packed ``q`` of the block's first query."""
+    q_len: torch.Tensor
+    """[NB] queries in the block, 1..block_size_q."""
+    pos: torch.Tensor
+    """[NB] absolute position of the block's first query in its sequence."""
+    window_start: torch.Tensor
+    """[NB] W0 = max(sink, pos - window + 1): first window key; selection lies in [sink, W0)."""
+    max_q_len: int
+    """Largest ``q_len`` (1 for a decode-only batch)."""
+    max_window_start: int
+    """Largest W0 over blocks: bounds the candidate count of the first pruning stage."""
+    max_seq_len: int
+    """Largest sequence length in the batch."""
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.seq.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_q_len == 1
+
+    def to(self, device: torch.device | str) -> "QueryBlocks":
+        return QueryBlocks(
+            seq=self.seq.to(device),
+            q_start=self.q_start.to(device),
+            q_len=self.q_len.to(device),
+            pos=self.pos.to(device),
+            window_start=self.window_start.to(device),
+            max_q_len=self.max_q_len,
+            max_window_start=self.max_window_start,
+            max_seq_len=self.max_seq_len,
+        )
+
+
+def build_query_blocks(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_size_q: int,
+    sink_tokens: int,
+    window_tokens: int,
+    device: torch.device | str | None = None,
+) -> QueryBlocks:
+    """Cut each sequence's new queries into blocks of at most ``block_size_q``.
+
+    Parameters
+    ----------
+    query_start_loc : torch.Tensor
+        [num_seqs + 1] int, cumulative query counts (vLLM's ``query_start_loc``), on the host.
+    seq_lens : torch.Tensor
+        [num_seqs] int, tokens in the cache per sequence *including* the new queries, on the host.
+    block_size_q, sink_tokens, window_tokens : int
+        From :class:`vllm_hip.config.InfiniteHipConfig`.
+    device : optional
+        Where the int32 descriptors go (default: the host).
+
+    Returns
+    -------
+    QueryBlocks
+        Blocks in sequence order, then query order. Sequences with no new queries get no block.
+    """
+    qsl = query_start_loc.detach().to("cpu", torch.int64)
+    lens = seq_lens.detach().to("cpu", torch.int64)
+    num_seqs = lens.shape[0]
+    if qsl.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"query_start_loc has {qsl.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}"
+        )
+    q_lens = qsl[1:] - qsl[:-1]
+    if bool((q_lens > lens).any()):
+        raise ValueError("a sequence has more new queries than tokens (q_len > seq_len)")
+    blocks_per_seq = (q_lens + block_size_q - 1) // block_size_q
+    nb = int(blocks_per_seq.sum())
+    seq = torch.repeat_interleave(torch.arange(num_seqs), blocks_per_seq)
+    # index of each block within its sequence
+    first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
+    local = torch.arange(nb) - torch.repeat_interleave(first_block, blocks_per_seq)
+    q_start = qsl[:-1][seq] + local * block_size_q
+    q_len = torch.minimum(q_lens[seq] - local * block_size_q, torch.tensor(block_size_q))
+    pos = (lens - q_lens)[seq] + local * block_size_q
+    window_start = torch.clamp(pos - window_tokens + 1, min=sink_tokens)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+
+    def i32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.int32).to(dev, non_blocking=True)
+
+    return QueryBlocks(
+        seq=i32(seq),
+        q_start=i32(q_start),
+        q_len=i32(q_len),
+        pos=i32(pos),
+        window_start=i32(window_start),
+        max_q_len=int(q_len.max()) if nb else 0,
+        max_window_start=int(window_start.max()) if nb else 0,
+        max_seq_len=int(lens.max()) if num_seqs else 0,
+    )
