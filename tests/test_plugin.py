@@ -1,0 +1,134 @@
+"""The INFINITEHIP name resolves in every process vLLM starts, and registration is harmless."""
+
+import multiprocessing as mp
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+def _run(code: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # vLLM logs to stdout too: keep only what the snippet printed with the marker.
+    return "\n".join(l[3:] for l in proc.stdout.splitlines() if l.startswith("@@ "))
+
+
+def test_entry_point_is_installed_and_registers_in_a_fresh_process():
+    out = _run(
+        """
+        from importlib.metadata import entry_points
+        eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "infinitehip"]
+        assert len(eps) == 1 and eps[0].value == "vllm_hip.plugin:register", eps
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        b = AttentionBackendEnum["INFINITEHIP"]
+        print("@@", b.name, b.get_path())
+        """
+    )
+    assert out.split() == ["CUSTOM", "vllm_hip.backend.InfiniteHipBackend"]
+
+
+def test_cli_style_lookup_and_backend_class_resolve():
+    out = _run(
+        """
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm.config.attention import AttentionConfig
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        cfg = AttentionConfig(backend="infinitehip")
+        cls = cfg.backend.get_class()
+        print("@@", cfg.backend is AttentionBackendEnum.CUSTOM, cls.__name__, cls.get_name())
+        # Other backends are untouched.
+        print("@@", AttentionBackendEnum["FLASH_ATTN"].get_path())
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "True InfiniteHipBackend CUSTOM"
+    assert lines[1] == "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+
+
+def test_register_twice_is_harmless():
+    out = _run(
+        """
+        from vllm_hip import plugin
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        plugin.register(); plugin._registered = False; plugin.register(); plugin.register()
+        from vllm.engine.arg_utils import EngineArgs
+        f = EngineArgs.create_engine_config
+        assert getattr(f, "_vllm_hip_wrapped", False) and not getattr(f.__wrapped__, "_vllm_hip_wrapped", False)
+        names = [m.name for m in AttentionBackendEnum]
+        assert names.count("CUSTOM") == 1 and "INFINITEHIP" not in names  # alias, not a member
+        print("@@", AttentionBackendEnum["INFINITEHIP"] is AttentionBackendEnum.CUSTOM)
+        """
+    )
+    assert out.strip() == "True"
+
+
+def _child(payload: bytes, queue) -> None:
+    # A freshly spawned process: no plugin has run here yet when the config is unpickled.
+    from vllm.v1.attention.backends import registry
+
+    backend = pickle.loads(payload)
+    before = backend is registry.AttentionBackendEnum.CUSTOM
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    queue.put((before, backend.get_path(), registry.AttentionBackendEnum["INFINITEHIP"].name))
+
+
+def test_pickled_backend_survives_spawn_before_plugins_load():
+    from vllm_hip import plugin
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    plugin.register()
+    payload = pickle.dumps(AttentionBackendEnum["INFINITEHIP"])
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(payload, q))
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0
+    assert q.get(timeout=10) == (True, "vllm_hip.backend.InfiniteHipBackend", "CUSTOM")
+
+
+def test_long_context_is_allowed_only_for_our_backend(monkeypatch):
+    from vllm_hip import plugin
+
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+
+    class Args:
+        attention_backend = "FLASH_ATTN"
+        attention_config = None
+        additional_config = None
+
+    plugin._allow_long_context(Args())
+    import os
+
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in os.environ
+    Args.additional_config = {"infinitehip": {"rope_mode": "model"}}
+    Args.attention_backend = "INFINITEHIP"
+    plugin._allow_long_context(Args())
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in os.environ
+    Args.additional_config = {"infinitehip": {}}
+    plugin._allow_long_context(Args())
+    assert os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1"
+
+
+def test_backend_refuses_what_it_cannot_serve():
+    from vllm_hip.backend import InfiniteHipBackend, InfiniteHipImpl
+
+    assert not InfiniteHipBackend.supports_attn_type("encoder_decoder")
+    assert not InfiniteHipBackend.is_mla()
+    assert not InfiniteHipBackend.supports_head_size(96)
+    with pytest.raises(NotImplementedError, match="sliding-window layers"):
+        InfiniteHipImpl(8, 64, 0.125, 2, sliding_window=4096)
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        InfiniteHipImpl(8, 64, 0.125, 2, alibi_slopes=[0.1] * 8)

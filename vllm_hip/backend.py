@@ -1,0 +1,589 @@
+"""The INFINITEHIP attention backend for vLLM (backend, metadata builder, impl).
+
+Shaped like vLLM's ``v1/attention/backends/triton_attn.py``. Per step the builder cuts the batch
+into query blocks (``triton_kernels.query_blocks``), tracks rows for the decode mask cache
+(``vllm_hip.masks``) and plans which pruning stages run. Per layer the impl writes K/V into the
+paged cache (keys un-rotated in ``rope_mode="streaming"``), selects key blocks (exactly all of them
+while the context fits sink + window + k, else by hierarchical pruning or from the mask cache) and
+runs block-sparse attention.
+
+KV cache layout: ``[num_pages, 2, page_size, num_kv_heads, head_size]`` (keys at index 0 of dim 1).
+
+CUDA graphs: the impl keeps host-side decisions (refresh schedule, mask-cache bookkeeping) per step,
+so attention runs eagerly between vLLM's piecewise graphs (``AttentionCGSupport.NEVER``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
+from vllm_hip import stats as hip_stats
+from vllm_hip.config import InfiniteHipConfig
+from vllm_hip.masks import LayerMaskCache, RefreshPlan, RowTracker, plan_refresh, subset_blocks
+
+logger = logging.getLogger("vllm_hip")
+
+#: Model families whose RoPE is the neox style with full rotary dim that ``rope_mode="streaming"``
+#: re-implements. Others may run with ``rope_mode="model"`` (no context extension).
+STREAMING_ROPE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "olmo2")
+
+
+def load_config(vllm_config: VllmConfig | None) -> InfiniteHipConfig:
+    additional = getattr(vllm_config, "additional_config", None) if vllm_config else None
+    return InfiniteHipConfig.from_vllm_additional_config(additional)
+
+
+# ---------------------------------------------------------------------------------------- metadata
+@dataclass
+class InfiniteHipMetadata:
+    """Per-step attention metadata shared by all layers.
+
+    ::
+
+        |------------- context -------------|--- new queries ---|
+        |------------------------ seq_len ----------------------|
+        query block (≤ block_size_q queries of one row): shares one selection
+    """
+
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor
+    max_seq_len: int
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    """[num_actual_tokens] int64 position of every query (for RoPE)."""
+    qblocks: QueryBlocks
+    """Query blocks on the device."""
+    qblocks_cpu: QueryBlocks
+    """The same on the host (for sizing launches without a sync)."""
+    is_decode_row: torch.Tensor
+    """[num_reqs] bool on the host."""
+    src_row: torch.Tensor | None
+    """[num_reqs] int64 (device): last step's row of each row, -1 if unknown (mask cache)."""
+    step_id: int
+    plans: dict[int, RefreshPlan | None] = field(default_factory=dict)
+    """Refresh plan per k (filled lazily by the first layer that uses that k)."""
+
+
+class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.hip_config = load_config(vllm_config)
+        self.page_size = kv_cache_spec.block_size
+        if self.page_size % self.hip_config.block_size_k:
+            raise ValueError(
+                f"INFINITEHIP: KV page size {self.page_size} must be a multiple of "
+                f"infinitehip.block_size_k={self.hip_config.block_size_k}"
+            )
+        self.max_rows = vllm_config.scheduler_config.max_num_seqs
+        num_pages = getattr(vllm_config.cache_config, "num_gpu_blocks", None) or 0
+        self._num_pages_hint = int(num_pages)
+        self._tracker: RowTracker | None = None
+        self._step = 0
+
+    def _row_tracker(self, block_table: torch.Tensor) -> RowTracker:
+        if self._tracker is None:
+            num_pages = max(self._num_pages_hint, 1) + 1
+            self._tracker = RowTracker(num_pages, max(self.max_rows, 1), block_table.device)
+        return self._tracker
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> InfiniteHipMetadata:
+        cm = common_attn_metadata
+        cfg = self.hip_config
+        n_tok = cm.num_actual_tokens
+        num_reqs = cm.num_reqs
+        qsl_cpu = cm.query_start_loc_cpu[: num_reqs + 1]
+        seq_lens_cpu = _host_seq_lens(cm)[:num_reqs]
+        q_lens_cpu = qsl_cpu[1:] - qsl_cpu[:-1]
+        qb_cpu = build_query_blocks(
+            qsl_cpu,
+            seq_lens_cpu,
+            block_size_q=cfg.block_size_q,
+            sink_tokens=cfg.sink_tokens,
+            window_tokens=cfg.window_tokens,
+        )
+        qblocks = qb_cpu.to(self.device)
+        positions = cm.positions
+        if positions is None:
+            positions = _positions_from(qsl_cpu, seq_lens_cpu).to(self.device, non_blocking=True)
+        positions = positions[:n_tok].long()
+        if cm.is_prefilling is not None:
+            is_decode = ~cm.is_prefilling[:num_reqs].to("cpu", torch.bool) & (q_lens_cpu == 1)
+        else:
+            is_decode = q_lens_cpu == 1
+        block_table = cm.block_table_tensor[:num_reqs]
+        seq_lens = cm.seq_lens[:num_reqs]
+        src_row = None
+        if cfg.max_selected_tokens > 0 and num_reqs > 0:
+            src_row = self._row_tracker(block_table).step(block_table, seq_lens, self.page_size)
+        self._step += 1
+        return InfiniteHipMetadata(
+            num_actual_tokens=n_tok,
+            max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc,
+            max_seq_len=cm.max_seq_len,
+            seq_lens=seq_lens,
+            block_table=block_table,
+            slot_mapping=cm.slot_mapping[:n_tok],
+            positions=positions,
+            qblocks=qblocks,
+            qblocks_cpu=qb_cpu,
+            is_decode_row=is_decode,
+            src_row=src_row,
+            step_id=self._step,
+        )
+
+
+def _host_seq_lens(cm: CommonAttentionMetadata) -> torch.Tensor:
+    # Host copies that vLLM already has (exact outside speculative decoding, which we refuse);
+    # falling back to a device copy costs one sync.
+    for name in ("seq_lens_cpu_upper_bound", "_seq_lens_cpu"):
+        t = getattr(cm, name, None)
+        if t is not None:
+            return t.to(torch.int64)
+    return cm.seq_lens.to("cpu", torch.int64)
+
+
+def _positions_from(qsl: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    q_lens = (qsl[1:] - qsl[:-1]).long()
+    start = seq_lens.long() - q_lens
+    row = torch.repeat_interleave(torch.arange(q_lens.numel()), q_lens)
+    return start[row] + torch.arange(int(q_lens.sum())) - qsl[:-1].long()[row]
+
+
+# ---------------------------------------------------------------------------------------- backend
+class InfiniteHipBackend(AttentionBackend):
+    """vLLM attention backend registered as ``INFINITEHIP`` (alias of ``CUSTOM``)."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = [
+        "auto",
+        "float16",
+        "bfloat16",
+        "fp8",
+        "fp8_e4m3",
+    ]
+
+    @staticmethod
+    def get_name() -> str:
+        # CUSTOM resolves in every process, even before our plugin registered the alias.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @staticmethod
+    def get_impl_cls() -> type["InfiniteHipImpl"]:
+        return InfiniteHipImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[InfiniteHipMetadataBuilder]:
+        return InfiniteHipMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        if block_size % 16 != 0:
+            raise ValueError("INFINITEHIP: KV block size must be a multiple of 16")
+        return (num_blocks, 2, block_size, num_kv_heads, head_size)
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [64, 128]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+# ---------------------------------------------------------------------------------------- impl
+class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        unsupported = []
+        if alibi_slopes is not None:
+            unsupported.append("ALiBi")
+        if sliding_window is not None:
+            unsupported.append("sliding-window layers")
+        if sinks is not None:
+            unsupported.append("learned attention sinks")
+        if attn_type != AttentionType.DECODER:
+            unsupported.append(f"attention type {attn_type}")
+        if kv_sharing_target_layer_name is not None:
+            unsupported.append("cross-layer KV sharing")
+        if unsupported:
+            raise NotImplementedError(
+                "INFINITEHIP serves decoder self-attention with RoPE only; this model uses "
+                + ", ".join(unsupported)
+                + ". Serve it with another --attention-backend."
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.logits_soft_cap = float(logits_soft_cap or 0.0)
+        vllm_config = get_current_vllm_config_or_none()
+        self.hip_config = load_config(vllm_config)
+        self._hf_config = (
+            vllm_config.model_config.hf_config
+            if vllm_config is not None and vllm_config.model_config is not None
+            else None
+        )
+        self._max_positions = (
+            vllm_config.model_config.max_model_len
+            if vllm_config is not None and vllm_config.model_config is not None
+            else 1 << 17
+        )
+        if self.hip_config.rope_mode == "streaming" and self._hf_config is not None:
+            check_streaming_rope_support(self._hf_config, head_size)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mask_cache: LayerMaskCache | None = None
+        self.layer_idx: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _layer_index(self, layer: Any) -> int:
+        if self.layer_idx is None:
+            name = getattr(layer, "layer_name", "") or ""
+            self.layer_idx = _layer_index_from_name(name)
+        return self.layer_idx
+
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.hip_config.rope_mode != "streaming":
+            return None
+        if self._rope is None or self._rope[0].device != device:
+            from vllm_hip.rope import rope_tables_from_config
+
+            self._rope = rope_tables_from_config(
+                self._hf_config, self.head_size, self._max_positions + 1, device=device
+            )
+        return self._rope
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: InfiniteHipMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("INFINITEHIP does not fuse output quantization")
+        if attn_metadata is None:
+            # Profiling run: vLLM only measures memory here.
+            return output.fill_(0)
+        md = attn_metadata
+        n = md.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        rope = self._rope_tables(q.device)
+        if rope is not None:
+            from vllm_hip.rope import unrotate
+
+            # q and k arrive rotated at their true positions by the model; the kernels assign
+            # positions themselves (streaming RoPE), so both go back to un-rotated form.
+            q = unrotate(q, md.positions, *rope)
+            k = unrotate(k, md.positions, *rope)
+        key_cache, value_cache = kv_cache.unbind(1)
+        fp8 = self.kv_cache_dtype.startswith("fp8")
+        if fp8:
+            key_cache = key_cache.view(torch.float8_e4m3fn)
+            value_cache = value_cache.view(torch.float8_e4m3fn)
+        k_scale = float(getattr(layer, "_k_scale_float", 1.0))
+        v_scale = float(getattr(layer, "_v_scale_float", 1.0))
+        write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
+
+        layer_idx = self._layer_index(layer)
+        sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope)
+        from triton_kernels import sparse_attention as sa
+
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        result = sa.sparse_attention(
+            q,
+            key_cache,
+            value_cache,
+            md.block_table,
+            md.seq_lens,
+            md.qblocks,
+            sel,
+            sel_count,
+            sink_tokens=self.hip_config.sink_tokens,
+            block_size_k=self.hip_config.block_size_k,
+            sm_scale=self.scale,
+            softcap=self.logits_soft_cap,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            cos=rope[0] if rope is not None else None,
+            sin=rope[1] if rope is not None else None,
+            num_splits=self.hip_config.decode_splits,
+        )
+        if result.data_ptr() != out.data_ptr():
+            out.copy_(result)
+        return output
+
+    # ------------------------------------------------------------------ selection
+    def _select(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        key_cache: torch.Tensor,
+        md: InfiniteHipMetadata,
+        k_scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.hip_config
+        k_tokens = cfg.selected_tokens_for_layer(layer_idx)
+        qb, qb_cpu = md.qblocks, md.qblocks_cpu
+        st = hip_stats.get_stats()
+        st.record_attended(qb_cpu.num_blocks, k_tokens)
+        if k_tokens == 0 or qb_cpu.num_blocks == 0:
+            empty = torch.full((qb_cpu.num_blocks, 0), -1, dtype=torch.int32, device=q.device)
+            return empty, torch.zeros(qb_cpu.num_blocks, dtype=torch.int32, device=q.device)
+        if qb_cpu.max_window_start - cfg.sink_tokens <= k_tokens:
+            # Every block between sink and window fits in k: attend everything (exact).
+            st.exact_fallbacks += 1
+            return all_blocks_selection(qb, qb_cpu, cfg.sink_tokens, cfg.block_size_k)
+
+        from triton_kernels import prune
+
+        mask_rope = None
+        if rope is not None:
+            mask_rope = "chunk_indexed" if layer_idx < cfg.early_layers else "relative"
+        stages = [
+            _Stage(s.chunk_size, cfg.stage_keep_tokens(i, layer_idx), s.query_pool)
+            for i, s in enumerate(cfg.stages)
+        ]
+        common = dict(
+            sink_tokens=cfg.sink_tokens,
+            k_scale=k_scale,
+            mask_rope=mask_rope,
+            cos=rope[0] if rope is not None else None,
+            sin=rope[1] if rope is not None else None,
+            rope_distance=cfg.window_tokens,
+        )
+        plan = md.plans.get(k_tokens)
+        if plan is None:
+            plan = plan_refresh(
+                qb_cpu,
+                md.is_decode_row,
+                tuple(s.refresh_interval for s in cfg.stages),
+                sink_tokens=cfg.sink_tokens,
+                window_tokens=cfg.window_tokens,
+                k_tokens=k_tokens,
+            )
+            md.plans[k_tokens] = plan
+        cache = self._layer_mask_cache(stages, md, q.device)
+        if md.src_row is not None:
+            cache.permute(md.src_row, md.step_id)
+
+        nb = qb_cpu.num_blocks
+        width = k_tokens // cfg.block_size_k
+        sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
+        sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
+        rows_dev = qb.seq.long()
+        num_stages = len(stages)
+        for s, idx_cpu in enumerate(plan.groups):
+            if idx_cpu.numel() == 0:
+                continue
+            sub = subset_blocks(qb, qb_cpu, idx_cpu)
+            idx = idx_cpu.to(q.device, non_blocking=True)
+            cached = None
+            if s > 0:
+                starts, count = cache.stage_inputs[s]  # type: ignore[misc]
+                r = rows_dev[idx]
+                cached = (starts[r], count[r])
+            got_sel, got_cnt, stage_inputs = prune.select_blocks(
+                q, key_cache, md.block_table, md.seq_lens, sub, stages,
+                cached_inputs=cached, first_stage=s, **common,
+            )  # fmt: skip
+            w = min(width, got_sel.shape[1])
+            sel[idx, :w] = got_sel[:, :w]
+            sel_count[idx] = got_cnt
+            st.add_stage_refresh(s, int(idx_cpu.numel()))
+            # Save state for the rows' next decode steps: every refreshed decode block, and the
+            # last block of each prefill row (the one nearest the next query).
+            keep = _blocks_to_store(plan, idx_cpu)
+            if keep.numel():
+                k_dev = keep.to(q.device, non_blocking=True)
+                cache.store(
+                    rows_dev[idx[k_dev]],
+                    s,
+                    [None if x is None else (x[0][k_dev], x[1][k_dev]) for x in stage_inputs],
+                    got_sel[k_dev],
+                    got_cnt[k_dev],
+                )
+        if plan.reuse.numel():
+            idx = plan.reuse.to(q.device, non_blocking=True)
+            r = rows_dev[idx]
+            w = min(width, cache.sel.shape[1])
+            sel[idx, :w] = cache.sel[r, :w]
+            sel_count[idx] = cache.sel_count[r]
+            st.record_mask_lookup(True, int(plan.reuse.numel()))
+        n_decode_refresh = int(plan.is_decode_block.sum()) - int(plan.reuse.numel())
+        if n_decode_refresh > 0:
+            st.record_mask_lookup(False, n_decode_refresh)
+        del num_stages
+        return sel, sel_count
+
+    def _layer_mask_cache(self, stages: list["_Stage"], md: InfiniteHipMetadata, device) -> LayerMaskCache:
+        if self._mask_cache is None:
+            widths = [0] + [stages[i - 1].keep_tokens // stages[i].chunk_size for i in range(1, len(stages))]
+            max_rows = max(int(md.is_decode_row.numel()), 1)
+            vc = get_current_vllm_config_or_none()
+            if vc is not None:
+                max_rows = max(max_rows, vc.scheduler_config.max_num_seqs)
+            self._mask_cache = LayerMaskCache.allocate(
+                widths, stages[-1].keep_tokens // self.hip_config.block_size_k, max_rows + 1, device
+            )
+        return self._mask_cache
+
+
+@dataclass(frozen=True)
+class _Stage:
+    chunk_size: int
+    keep_tokens: int
+    query_pool: int
+
+
+def _blocks_to_store(plan: RefreshPlan, idx_cpu: torch.Tensor) -> torch.Tensor:
+    """Positions within ``idx_cpu`` whose state is saved: decode blocks, and each prefill row's
+    last block."""
+    rows = plan.block_rows[idx_cpu]
+    decode = plan.is_decode_block[idx_cpu]
+    last_of_row = torch.ones_like(decode)
+    if rows.numel() > 1:
+        last_of_row[:-1] = rows[1:] != rows[:-1]
+    return torch.nonzero(decode | last_of_row).flatten()
+
+
+def all_blocks_selection(
+    qb: QueryBlocks, qb_cpu: QueryBlocks, sink_tokens: int, block_size_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select every key block in [sink, W0) of every query block (exact attention)."""
+    width = max(0, -(-(qb_cpu.max_window_start - sink_tokens) // block_size_k))
+    dev = qb.seq.device
+    starts = sink_tokens + block_size_k * torch.arange(width, device=dev, dtype=torch.int32)
+    count = torch.clamp(
+        (qb.window_start - sink_tokens + block_size_k - 1) // block_size_k, min=0
+    ).to(torch.int32)
+    sel = starts.unsqueeze(0).expand(qb_cpu.num_blocks, width).clone()
+    sel[torch.arange(width, device=dev)[None, :] >= count[:, None]] = -1
+    return sel, count
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    layer: Any,
+) -> None:
+    """Store new keys/values at ``slot_mapping`` (page * page_size + offset; -1 = padding)."""
+    if key.is_cuda:
+        from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+            triton_reshape_and_cache_flash,
+        )
+
+        triton_reshape_and_cache_flash(
+            key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype,
+            layer._k_scale, layer._v_scale,
+        )  # fmt: skip
+        return
+    # Host path (tests, CPU runs): plain indexing.
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    page_size = key_cache.shape[1]
+    pages, offs = slots // page_size, slots % page_size
+    k_scale = float(getattr(layer, "_k_scale_float", 1.0))
+    v_scale = float(getattr(layer, "_v_scale_float", 1.0))
+    key_cache[pages, offs] = (key[keep].float() / k_scale).to(key_cache.dtype)
+    value_cache[pages, offs] = (value[keep].float() / v_scale).to(value_cache.dtype)
+
+
+def _layer_index_from_name(name: str) -> int:
+    for part in reversed(name.split(".")):
+        if part.isdigit():
+            return int(part)
+    return 0
+
+
+def check_streaming_rope_support(hf_config: Any, head_size: int) -> None:
+    """Refuse, at start-up, models whose RoPE the streaming mode cannot reassign."""
+    model_type = getattr(hf_config, "model_type", None)
+    text_config = getattr(hf_config, "text_config", None)
+    if model_type not in STREAMING_ROPE_MODEL_TYPES and text_config is not None:
+        model_type = getattr(text_config, "model_type", model_type)
+    if model_type not in STREAMING_ROPE_MODEL_TYPES:
+        raise ValueError(
+            f"INFINITEHIP: rope_mode='streaming' supports model types "
+            f"{', '.join(STREAMING_ROPE_MODEL_TYPES)}; this model is {model_type!r}. Use "
+            '--additional-config \'{"infinitehip": {"rope_mode": "model"}}\' (no context '
+            "extension) or another backend."
+        )
+    partial = getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0
+    if partial != 1.0:
+        raise ValueError(
+            f"INFINITEHIP: rope_mode='streaming' needs full-dimension RoPE; this model rotates "
+            f"{partial:.0%} of each head. Use rope_mode='model'."
+        )
+    from vllm_hip.rope import check_rope_scaling
+
+    check_rope_scaling(hf_config)

@@ -1,0 +1,101 @@
+"""vLLM general plugin: makes ``--attention-backend INFINITEHIP`` resolve in every vLLM process.
+
+vLLM calls :func:`register` (entry point group ``vllm.general_plugins``) in the API server, the
+engine core, every worker and every Ray actor, before an attention backend is resolved. The backend
+enum is closed, so INFINITEHIP is registered as an *alias* of ``AttentionBackendEnum.CUSTOM``: an
+enum member pickles by value, and CUSTOM's value (None) exists in every process, so a config pickled
+in the API server unpickles in a freshly spawned engine core even before this plugin ran there.
+The class behind CUSTOM is then set by :func:`register` in that process.
+
+Registration is idempotent and touches nothing but CUSTOM and the alias.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+logger = logging.getLogger("vllm_hip")
+
+BACKEND_NAME = "INFINITEHIP"
+BACKEND_CLASS = "vllm_hip.backend.InfiniteHipBackend"
+
+_lock = threading.Lock()
+_registered = False
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group (safe to call any number of times)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        existing = AttentionBackendEnum.__members__.get(BACKEND_NAME)
+        if existing is not None and existing is not AttentionBackendEnum.CUSTOM:
+            raise RuntimeError(
+                f"AttentionBackendEnum.{BACKEND_NAME} already names {existing!r}; vllm-hip "
+                "registers it as an alias of CUSTOM and cannot share the name"
+            )
+        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS)
+        # EnumMeta.__getitem__ reads _member_map_, which is where Enum keeps aliases too.
+        AttentionBackendEnum._member_map_[BACKEND_NAME] = AttentionBackendEnum.CUSTOM
+        _patch_long_context()
+        _registered = True
+        logger.debug("vllm-hip: registered %s as AttentionBackendEnum.CUSTOM", BACKEND_NAME)
+
+
+def is_infinitehip(backend: object) -> bool:
+    """True if ``backend`` (enum member, string or None) selects our backend."""
+    if backend is None:
+        return False
+    name = getattr(backend, "name", backend)
+    return isinstance(name, str) and name.upper() in (BACKEND_NAME, "CUSTOM")
+
+
+def _allow_long_context(engine_args: object) -> None:
+    """Let vLLM accept --max-model-len beyond the model's trained length when we serve it.
+
+    vLLM refuses such lengths unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, because dense RoPE breaks
+    there. Our streaming RoPE keeps every relative distance inside the trained range, so the user
+    should not need to know the variable. Only done when INFINITEHIP is the selected backend and
+    the config keeps ``allow_long_context`` on and ``rope_mode`` = "streaming".
+    """
+    if "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in os.environ:
+        return
+    backend = getattr(engine_args, "attention_backend", None)
+    attn_cfg = getattr(engine_args, "attention_config", None)
+    if backend is None and attn_cfg is not None:
+        backend = getattr(attn_cfg, "backend", None)
+    if not is_infinitehip(backend):
+        return
+    from vllm_hip.config import InfiniteHipConfig
+
+    cfg = InfiniteHipConfig.from_vllm_additional_config(
+        getattr(engine_args, "additional_config", None)
+    )
+    if cfg.rope_mode == "streaming" and cfg.allow_long_context:
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+        logger.info(
+            "vllm-hip: INFINITEHIP with streaming RoPE serves contexts beyond the model's "
+            "trained length; allowing --max-model-len above max_position_embeddings"
+        )
+
+
+def _patch_long_context() -> None:
+    # `vllm serve`, LLM(...) and AsyncEngineArgs all build the VllmConfig here: wrap it once.
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_vllm_hip_wrapped", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        _allow_long_context(self)
+        return original(self, *args, **kwargs)
+
+    create_engine_config._vllm_hip_wrapped = True  # type: ignore[attr-defined]
+    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
