@@ -114,49 +114,84 @@ class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
         fast_build: bool = False,
     ) -> InfiniteHipMetadata:
         cm = common_attn_metadata
-        cfg = self.hip_config
-        n_tok = cm.num_actual_tokens
         num_reqs = cm.num_reqs
-        qsl_cpu = cm.query_start_loc_cpu[: num_reqs + 1]
-        seq_lens_cpu = _host_seq_lens(cm)[:num_reqs]
-        q_lens_cpu = qsl_cpu[1:] - qsl_cpu[:-1]
-        qb_cpu = build_query_blocks(
-            qsl_cpu,
-            seq_lens_cpu,
-            block_size_q=cfg.block_size_q,
-            sink_tokens=cfg.sink_tokens,
-            window_tokens=cfg.window_tokens,
-        )
-        qblocks = qb_cpu.to(self.device)
-        positions = cm.positions
-        if positions is None:
-            positions = _positions_from(qsl_cpu, seq_lens_cpu).to(self.device, non_blocking=True)
-        positions = positions[:n_tok].long()
-        if cm.is_prefilling is not None:
-            is_decode = ~cm.is_prefilling[:num_reqs].to("cpu", torch.bool) & (q_lens_cpu == 1)
-        else:
-            is_decode = q_lens_cpu == 1
         block_table = cm.block_table_tensor[:num_reqs]
-        seq_lens = cm.seq_lens[:num_reqs]
-        src_row = None
-        if cfg.max_selected_tokens > 0 and num_reqs > 0:
-            src_row = self._row_tracker(block_table).step(block_table, seq_lens, self.page_size)
+        tracker = None
+        if self.hip_config.max_selected_tokens > 0 and num_reqs > 0:
+            tracker = self._row_tracker(block_table)
         self._step += 1
-        return InfiniteHipMetadata(
-            num_actual_tokens=n_tok,
-            max_query_len=cm.max_query_len,
+        return build_metadata(
+            self.hip_config,
             query_start_loc=cm.query_start_loc,
-            max_seq_len=cm.max_seq_len,
-            seq_lens=seq_lens,
+            query_start_loc_cpu=cm.query_start_loc_cpu[: num_reqs + 1],
+            seq_lens=cm.seq_lens[:num_reqs],
+            seq_lens_cpu=_host_seq_lens(cm)[:num_reqs],
             block_table=block_table,
-            slot_mapping=cm.slot_mapping[:n_tok],
-            positions=positions,
-            qblocks=qblocks,
-            qblocks_cpu=qb_cpu,
-            is_decode_row=is_decode,
-            src_row=src_row,
+            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+            positions=cm.positions,
+            is_prefilling_cpu=cm.is_prefilling,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+            page_size=self.page_size,
+            tracker=tracker,
             step_id=self._step,
         )
+
+
+def build_metadata(
+    cfg: InfiniteHipConfig,
+    *,
+    query_start_loc: torch.Tensor,
+    query_start_loc_cpu: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_cpu: torch.Tensor,
+    block_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    positions: torch.Tensor | None,
+    is_prefilling_cpu: torch.Tensor | None,
+    max_query_len: int,
+    max_seq_len: int,
+    page_size: int,
+    tracker: RowTracker | None,
+    step_id: int,
+) -> InfiniteHipMetadata:
+    """Everything the layers of one step share (the builder's work, callable from tests)."""
+    device = seq_lens.device
+    n_tok = int(slot_mapping.shape[0])
+    num_reqs = int(seq_lens.shape[0])
+    qsl_cpu = query_start_loc_cpu.long()
+    q_lens_cpu = qsl_cpu[1:] - qsl_cpu[:-1]
+    qb_cpu = build_query_blocks(
+        qsl_cpu,
+        seq_lens_cpu,
+        block_size_q=cfg.block_size_q,
+        sink_tokens=cfg.sink_tokens,
+        window_tokens=cfg.window_tokens,
+    )
+    if positions is None:
+        positions = _positions_from(qsl_cpu, seq_lens_cpu).to(device, non_blocking=True)
+    if is_prefilling_cpu is not None:
+        is_decode = ~is_prefilling_cpu[:num_reqs].to("cpu", torch.bool) & (q_lens_cpu == 1)
+    else:
+        is_decode = q_lens_cpu == 1
+    src_row = None
+    if tracker is not None:
+        src_row = tracker.step(block_table, seq_lens, page_size)
+    return InfiniteHipMetadata(
+        num_actual_tokens=n_tok,
+        max_query_len=max_query_len,
+        query_start_loc=query_start_loc,
+        max_seq_len=max_seq_len,
+        seq_lens=seq_lens.to(torch.int32),
+        block_table=block_table.to(torch.int32),
+        slot_mapping=slot_mapping,
+        positions=positions[:n_tok].long(),
+        qblocks=qb_cpu.to(device),
+        qblocks_cpu=qb_cpu,
+        is_decode_row=is_decode,
+        src_row=src_row,
+        step_id=step_id,
+    )
 
 
 def _host_seq_lens(cm: CommonAttentionMetadata) -> torch.Tensor:
@@ -305,7 +340,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             from vllm_hip.rope import rope_tables_from_config
 
             self._rope = rope_tables_from_config(
-                self._hf_config, self.head_size, self._max_positions + 1, device=device
+                self._hf_config, self._max_positions + 1, device=device
             )
         return self._rope
 
@@ -372,6 +407,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             cos=rope[0] if rope is not None else None,
             sin=rope[1] if rope is not None else None,
             num_splits=self.hip_config.decode_splits,
+            window_tokens=self.hip_config.window_tokens,
         )
         if result.data_ptr() != out.data_ptr():
             out.copy_(result)
@@ -391,13 +427,13 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k_tokens = cfg.selected_tokens_for_layer(layer_idx)
         qb, qb_cpu = md.qblocks, md.qblocks_cpu
         st = hip_stats.get_stats()
-        st.record_attended(qb_cpu.num_blocks, k_tokens)
+        st.record_attended(md.num_actual_tokens, k_tokens)
         if k_tokens == 0 or qb_cpu.num_blocks == 0:
             empty = torch.full((qb_cpu.num_blocks, 0), -1, dtype=torch.int32, device=q.device)
             return empty, torch.zeros(qb_cpu.num_blocks, dtype=torch.int32, device=q.device)
         if qb_cpu.max_window_start - cfg.sink_tokens <= k_tokens:
             # Every block between sink and window fits in k: attend everything (exact).
-            st.exact_fallbacks += 1
+            st.record_exact_fallback()
             return all_blocks_selection(qb, qb_cpu, cfg.sink_tokens, cfg.block_size_k)
 
         from triton_kernels import prune
@@ -584,6 +620,9 @@ def check_streaming_rope_support(hf_config: Any, head_size: int) -> None:
             f"INFINITEHIP: rope_mode='streaming' needs full-dimension RoPE; this model rotates "
             f"{partial:.0%} of each head. Use rope_mode='model'."
         )
-    from vllm_hip.rope import check_rope_scaling
+    from vllm_hip.rope import RopeError, rope_spec_from_config
 
-    check_rope_scaling(hf_config)
+    try:
+        rope_spec_from_config(hf_config)
+    except RopeError as e:
+        raise ValueError(f"INFINITEHIP: {e}") from e

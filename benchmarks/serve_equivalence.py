@@ -1,0 +1,177 @@
+"""Serve a model with INFINITEHIP and FLASH_ATTN and compare greedy outputs (issue: foundation).
+
+Starts ``vllm serve MODEL --attention-backend B`` for each backend in turn, sends the same short
+prompts through the ``openai`` client to ``/v1/completions`` and ``/v1/chat/completions`` (greedy),
+and counts prompts whose outputs differ from the first backend's.
+
+    python benchmarks/serve_equivalence.py --model $SMOLLM2 \\
+        --out benchmarks/results/serve_equivalence_h100.json
+
+Writes records (``output_mismatches``, ``server_errors``) in the project's benchmark format and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+    "Write a haiku about autumn leaves.",
+    "What is 12 times 7?",
+    "Name the largest planet in our solar system.",
+    "Translate 'good morning' into Spanish.",
+    "A short poem about the sea:",
+    "The chemical symbol for gold is",
+    "List three fruits that are red.",
+    "Who wrote Romeo and Juliet?",
+    "Explain photosynthesis in one sentence.",
+    "The opposite of hot is",
+    "How many days are in a leap year?",
+    "Give me a synonym for happy.",
+    "The speed of light is approximately",
+    "What color is the sky on a clear day?",
+    "Finish the sentence: Once upon a time,",
+    "The first man on the moon was",
+    "What is the square root of 81?",
+]
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - reporting only
+        pass
+    return "cpu"
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"server on port {port} not healthy after {timeout:.0f}s")
+
+
+def launch(model: str, backend: str, port: int, extra: list[str], log_path: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+        "--port", str(port), "--attention-backend", backend, "--served-model-name", "m",
+        *extra,
+    ]  # fmt: skip
+    log = open(log_path, "w")
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def query_all(port: int, prompts: list[str], max_tokens: int) -> tuple[dict, int]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    outputs: dict[str, str] = {}
+    errors = 0
+    for i, p in enumerate(prompts):
+        try:
+            c = client.completions.create(model="m", prompt=p, max_tokens=max_tokens, temperature=0)
+            outputs[f"completion/{i}"] = c.choices[0].text
+            ch = client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": p}],
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+            outputs[f"chat/{i}"] = ch.choices[0].message.content or ""
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            errors += 1
+            outputs[f"error/{i}"] = repr(e)
+    return outputs, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.environ.get("SMOLLM2"), required=os.environ.get("SMOLLM2") is None)
+    ap.add_argument("--backends", default="FLASH_ATTN,INFINITEHIP")
+    ap.add_argument("--num-prompts", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--extra", default="--max-model-len 4096 --gpu-memory-utilization 0.5",
+                    help="extra vllm serve arguments (one string)")
+    ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    args = ap.parse_args(argv)
+
+    prompts = PROMPTS[: args.num_prompts]
+    results: dict[str, dict] = {}
+    errors: dict[str, int] = {}
+    for backend in args.backends.split(","):
+        proc = launch(args.model, backend, args.port, shlex.split(args.extra),
+                      os.path.join(args.log_dir, f"serve_{backend}.log"))
+        try:
+            t0 = time.time()
+            wait_healthy(args.port, proc, args.startup_timeout)
+            print(f"{backend}: healthy after {time.time() - t0:.0f}s", flush=True)
+            results[backend], errors[backend] = query_all(args.port, prompts, args.max_tokens)
+        finally:
+            stop(proc)
+
+    names = list(results)
+    ref = results[names[0]]
+    records = []
+    dev = device_name()
+    cmd = "python benchmarks/serve_equivalence.py " + " ".join(argv or sys.argv[1:])
+    for b in names:
+        mism = [k for k in ref if results[b].get(k) != ref[k]]
+        print(f"\n== {b}: {len(mism)} mismatches vs {names[0]}, {errors[b]} errors")
+        for k in mism[:10]:
+            print(f"  {k}: {ref[k]!r}\n  {' ' * len(k)}  {results[b].get(k)!r}")
+        for metric, value in (("output_mismatches", len(mism)), ("server_errors", errors[b])):
+            records.append({
+                "metric": metric, "backend": b, "context_tokens": 0, "value": value,
+                "unit": "count", "device": dev, "command": cmd,
+                "num_requests": len(ref), "reference_backend": names[0],
+            })  # fmt: skip
+    print("\nsample outputs:")
+    for k in list(ref)[:6]:
+        print(f"  {k}: " + " | ".join(f"{b}={results[b].get(k)!r}" for b in names))
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "serve_outputs.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    return 0 if all(r["value"] == 0 for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
