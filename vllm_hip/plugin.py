@@ -55,16 +55,18 @@ def is_infinitehip(backend: object) -> bool:
     return isinstance(name, str) and name.upper() in (BACKEND_NAME, "CUSTOM")
 
 
-def _allow_long_context(engine_args: object) -> None:
-    """Let vLLM accept --max-model-len beyond the model's trained length when we serve it.
+def _prepare_engine_args(engine_args: object) -> None:
+    """What selecting INFINITEHIP implies for the engine, done before vLLM builds its config.
 
-    vLLM refuses such lengths unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, because dense RoPE breaks
-    there. Our streaming RoPE keeps every relative distance inside the trained range, so the user
-    should not need to know the variable. Only done when INFINITEHIP is the selected backend and
-    the config keeps ``allow_long_context`` on and ``rope_mode`` = "streaming".
+    - The options are validated here, in the process the user started, so a bad value stops
+      start-up with the field's name before any model is loaded.
+    - vLLM refuses ``--max-model-len`` beyond the model's trained length unless
+      VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, because dense RoPE breaks there. Our streaming RoPE keeps
+      every relative distance inside the trained range, so the user should not need to know the
+      variable (``allow_long_context`` with ``rope_mode="streaming"``).
+    - ``export_metrics`` adds the stats-only KV connector that carries worker counters to
+      ``/metrics``.
     """
-    if "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in os.environ:
-        return
     backend = getattr(engine_args, "attention_backend", None)
     attn_cfg = getattr(engine_args, "attention_config", None)
     if backend is None and attn_cfg is not None:
@@ -76,6 +78,12 @@ def _allow_long_context(engine_args: object) -> None:
     cfg = InfiniteHipConfig.from_vllm_additional_config(
         getattr(engine_args, "additional_config", None)
     )
+    if cfg.export_metrics:
+        from vllm_hip import metrics
+
+        metrics.enable_stats_connector(engine_args)
+    if "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in os.environ:
+        return
     if cfg.rope_mode == "streaming" and cfg.allow_long_context:
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         logger.info(
@@ -93,7 +101,7 @@ def _patch_long_context() -> None:
         return
 
     def create_engine_config(self, *args, **kwargs):
-        _allow_long_context(self)
+        _prepare_engine_args(self)
         return original(self, *args, **kwargs)
 
     create_engine_config._vllm_hip_wrapped = True  # type: ignore[attr-defined]

@@ -1,0 +1,251 @@
+"""Process-wide counters of the INFINITEHIP backend, cheap enough for the hot path.
+
+The backend, the mask cache and the offload cache only bump plain numbers in one
+:class:`HipStats` per process (:func:`get_stats`); nothing here formats, locks or talks to
+Prometheus. Once per engine step the worker-side stats connector of :mod:`vllm_hip.metrics`
+calls :meth:`HipStats.snapshot_and_reset` and ships the increments to vLLM's ``/metrics``.
+
+Counters only grow; a snapshot returns the increments since the previous snapshot and moves the
+baseline, so an increment made while a snapshot is being taken is never lost, only reported one
+step later. Gauges (``gpu_cache_*``) are *set*, and a snapshot reports their current value.
+
+Writers: one thread per worker process (the model runner's). A value may be a 0-d tensor
+(``stats.attn_cache_hits += hits_tensor``); it is converted with ``float()`` at snapshot time,
+which synchronizes the device once per step, so prefer host-side counts where they exist.
+
+This module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "COUNTER_FIELDS",
+    "GAUGE_FIELDS",
+    "HipStats",
+    "get_stats",
+    "reset_stats",
+    "snapshot_and_reset",
+]
+
+#: Monotonic counters, in the order they are exported. ``stage_refreshes`` (one counter per
+#: pruning stage) is kept apart because it is a list.
+COUNTER_FIELDS: tuple[str, ...] = (
+    "mask_cache_queries",
+    "mask_cache_hits",
+    "attn_cache_queries",
+    "attn_cache_hits",
+    "mask_estimation_cache_queries",
+    "mask_estimation_cache_hits",
+    "h2d_bytes",
+    "h2d_seconds",
+    "selected_tokens",
+    "attended_queries",
+    "prune_seconds",
+    "attention_seconds",
+    "exact_fallbacks",
+    "steps",
+)
+
+#: Values that are set, not added: the latest value is exported.
+GAUGE_FIELDS: tuple[str, ...] = ("gpu_cache_occupied_blocks", "gpu_cache_capacity_blocks")
+
+
+def _num(value: Any) -> float | int:
+    if isinstance(value, (int, float)):
+        return value
+    # A 0-d tensor (or anything number-like): one conversion per snapshot.
+    f = float(value)
+    return int(f) if f.is_integer() else f
+
+
+@dataclass
+class HipStats:
+    """Counters of one process. Bump them through the ``record_*``/``add_*`` methods or ``+=``.
+
+    "Queries"/"hits" pairs are exported as two counters and divided in PromQL, so a hit rate
+    is always correct over any time window and across workers.
+    """
+
+    mask_cache_queries: int = 0
+    """Decode (step × layer) pairs that needed a block selection (mask caching, §3)."""
+
+    mask_cache_hits: int = 0
+    """Of those, pairs that reused the cached selection instead of rerunning a stage."""
+
+    attn_cache_queries: int = 0
+    """Offload: lookups in the GPU cache of keys+values read by sparse attention (§6)."""
+
+    attn_cache_hits: int = 0
+    """Offload: of those, lookups served from the GPU cache (the rest went to host memory)."""
+
+    mask_estimation_cache_queries: int = 0
+    """Offload: lookups in the GPU cache of keys read by the pruning stages (§6)."""
+
+    mask_estimation_cache_hits: int = 0
+    """Offload: of those, lookups served from the GPU cache."""
+
+    h2d_bytes: int = 0
+    """Bytes moved from host memory to the GPU (cache fills and missed reads)."""
+
+    h2d_seconds: float = 0.0
+    """Seconds spent on those transfers (0 where the transfer is not timed)."""
+
+    gpu_cache_occupied_blocks: int = 0
+    """Gauge: GPU cache slots currently holding a block (offload), summed over layers."""
+
+    gpu_cache_capacity_blocks: int = 0
+    """Gauge: GPU cache slots in total (offload), summed over layers."""
+
+    stage_refreshes: list[int] = field(default_factory=list)
+    """Per pruning stage index (0 = coarsest): (step × layer) pairs that reran that stage."""
+
+    selected_tokens: int = 0
+    """Sum over attended queries of the tokens selected by pruning (k actually used)."""
+
+    attended_queries: int = 0
+    """Queries (× layers; a prefill query block that shares one selection counts once) attended
+    by sparse attention: ``selected_tokens / attended_queries`` is the mean budget k."""
+
+    prune_seconds: float = 0.0
+    """Seconds in the pruning stages (only when ``timing_enabled``)."""
+
+    attention_seconds: float = 0.0
+    """Seconds in block-sparse attention (only when ``timing_enabled``)."""
+
+    exact_fallbacks: int = 0
+    """Steps attended exactly because the context fits sink + window + k."""
+
+    steps: int = 0
+    """Forward steps that ran the backend."""
+
+    timing_enabled: bool = False
+    """Set by the backend when it measures ``prune_seconds``/``attention_seconds`` (timing
+    costs a device synchronization, so it is off by default). Not exported."""
+
+    _baseline: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ hot-path helpers
+    def record_mask_lookup(self, hit: bool, n: int = 1) -> None:
+        """``n`` (step × layer) pairs asked the mask cache; all hit or all missed."""
+        self.mask_cache_queries += n
+        if hit:
+            self.mask_cache_hits += n
+
+    def record_mask_lookups(self, queries: int, hits: int) -> None:
+        self.mask_cache_queries += queries
+        self.mask_cache_hits += hits
+
+    def record_attn_cache(self, queries: int, hits: int) -> None:
+        self.attn_cache_queries += queries
+        self.attn_cache_hits += hits
+
+    def record_mask_estimation_cache(self, queries: int, hits: int) -> None:
+        self.mask_estimation_cache_queries += queries
+        self.mask_estimation_cache_hits += hits
+
+    def record_h2d(self, nbytes: int, seconds: float = 0.0) -> None:
+        self.h2d_bytes += nbytes
+        self.h2d_seconds += seconds
+
+    def set_gpu_cache(self, occupied_blocks: int, capacity_blocks: int) -> None:
+        self.gpu_cache_occupied_blocks = occupied_blocks
+        self.gpu_cache_capacity_blocks = capacity_blocks
+
+    def add_stage_refresh(self, stage: int, n: int = 1) -> None:
+        """Stage ``stage`` (0-based index into ``config.stages``) reran ``n`` times."""
+        refreshes = self.stage_refreshes
+        if stage >= len(refreshes):
+            if stage < 0:
+                raise ValueError(f"stage index must be >= 0, got {stage}")
+            refreshes.extend([0] * (stage + 1 - len(refreshes)))
+        refreshes[stage] += n
+
+    def record_selection(self, selected_tokens: int, queries: int = 1) -> None:
+        """``queries`` queries attended ``selected_tokens`` selected tokens in total."""
+        self.selected_tokens += selected_tokens
+        self.attended_queries += queries
+
+    def record_attended(self, queries: int, tokens_per_query: int) -> None:
+        """``queries`` queries (or query blocks) each attended ``tokens_per_query`` selected
+        tokens."""
+        self.selected_tokens += queries * tokens_per_query
+        self.attended_queries += queries
+
+    def add_prune_seconds(self, seconds: float) -> None:
+        self.prune_seconds += seconds
+
+    def add_attention_seconds(self, seconds: float) -> None:
+        self.attention_seconds += seconds
+
+    def record_exact_fallback(self, n: int = 1) -> None:
+        self.exact_fallbacks += n
+
+    def record_step(self, n: int = 1) -> None:
+        self.steps += n
+
+    # ------------------------------------------------------------------ export side
+    def totals(self) -> dict[str, Any]:
+        """Cumulative values since start (or :meth:`reset`), as plain Python numbers."""
+        out: dict[str, Any] = {name: _num(getattr(self, name)) for name in COUNTER_FIELDS}
+        out["stage_refreshes"] = [_num(v) for v in self.stage_refreshes]
+        for name in GAUGE_FIELDS:
+            out[name] = _num(getattr(self, name))
+        return out
+
+    def snapshot_and_reset(self) -> dict[str, Any]:
+        """Increments since the previous call (gauges: current values); moves the baseline.
+
+        Returns
+        -------
+        dict
+            ``{counter: delta for counter in COUNTER_FIELDS}``, ``"stage_refreshes"``: list of
+            per-stage deltas (length = number of stages seen so far), and each of
+            ``GAUGE_FIELDS``: its current value. Plain ints/floats only.
+        """
+        now = self.totals()
+        base = self._baseline
+        delta: dict[str, Any] = {}
+        for name in COUNTER_FIELDS:
+            delta[name] = now[name] - base.get(name, 0)
+        prev = base.get("stage_refreshes", [])
+        delta["stage_refreshes"] = [
+            v - (prev[i] if i < len(prev) else 0) for i, v in enumerate(now["stage_refreshes"])
+        ]
+        for name in GAUGE_FIELDS:
+            delta[name] = now[name]
+        self._baseline = now
+        return delta
+
+    def reset(self) -> None:
+        """Zero every counter and gauge and the snapshot baseline (tests, benchmarks)."""
+        for f in fields(self):
+            if f.name in ("timing_enabled",):
+                continue
+            if f.name == "stage_refreshes":
+                self.stage_refreshes = []
+            elif f.name == "_baseline":
+                self._baseline = {}
+            else:
+                setattr(self, f.name, type(f.default)())
+
+
+_STATS = HipStats()
+
+
+def get_stats() -> HipStats:
+    """The process-wide :class:`HipStats` (the same object for the life of the process, so the
+    backend may keep a reference)."""
+    return _STATS
+
+
+def reset_stats() -> None:
+    """Zero the process-wide stats in place (references stay valid)."""
+    _STATS.reset()
+
+
+def snapshot_and_reset() -> dict[str, Any]:
+    """:meth:`HipStats.snapshot_and_reset` of the process-wide stats."""
+    return _STATS.snapshot_and_reset()
