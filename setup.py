@@ -23,6 +23,10 @@ def _read(path: str) -> str:
 def _extensions():
     if os.environ.get("VLLM_HIP_SKIP_EXT", "0") == "1":
         return [], {}
+    if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+        # Where nvcc on PATH is a wrapper script, torch would guess CUDA_HOME from its folder
+        # and fail to find libcudart at link time.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cu = sorted(glob.glob("csrc/*.cu"))
     if not cpp and not cu:
