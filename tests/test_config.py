@@ -28,6 +28,13 @@ def test_streaming_preset_has_no_selection():
     assert c.selected_tokens == 0 and c.stages == () and c.max_selected_tokens == 0
 
 
+def test_k_zero_turns_pruning_off():
+    c = InfiniteHipConfig.from_dict({"selected_tokens": 0})
+    assert c.stages == () and c.max_selected_tokens == 0
+    with pytest.raises(ConfigError, match=r"^infinitehip.stages has 0 stages"):
+        InfiniteHipConfig.from_dict({"selected_tokens": 0, "early_selected_tokens": 512})
+
+
 def test_changing_k_alone_adapts_last_stage():
     c = InfiniteHipConfig.from_dict({"selected_tokens": 1024})
     assert c.stages[-1].keep_tokens == 1024
@@ -97,7 +104,7 @@ BAD_STAGES = [
     ([{"chunk_size": 8}], "infinitehip.stages[0].keep_tokens is missing"),
     ([{"chunk_size": 8, "keep_tokens": 2048, "pool": 2}], "infinitehip.stages[0].pool is not an option; known: chunk_size, keep_tokens, query_pool, refresh_interval"),
     ("256,32,8", "infinitehip.stages='256,32,8' is invalid: must be a list of stages ({chunk_size, keep_tokens, query_pool, refresh_interval})"),
-    ([], "infinitehip.stages has 0 stages: must have between 1 and 8"),
+    ([], "infinitehip.stages has 0 stages: must have between 1 and 8 when selected_tokens > 0 (the 'streaming' preset has none: give stages or use '3k')"),
 ]
 
 

@@ -225,6 +225,12 @@ class InfiniteHipConfig:
         values.update(options)
         if "stages" in options:
             values["stages"] = _parse_stages(options["stages"])
+        elif values.get("selected_tokens") == 0:
+            # k = 0 turns pruning off (a sink + window baseline), in early layers too unless
+            # they are given their own k (which then needs explicit stages).
+            values["stages"] = ()
+            if "early_selected_tokens" not in options:
+                values["early_selected_tokens"] = 0
         elif values["stages"] and isinstance(values.get("selected_tokens"), int):
             # Changing k alone should not require spelling out the stages: the last stage keeps k.
             last = dataclasses.replace(values["stages"][-1], keep_tokens=values["selected_tokens"])
@@ -303,7 +309,8 @@ class InfiniteHipConfig:
             return
         if not 1 <= len(stages) <= 8:
             raise ConfigError(
-                f"infinitehip.stages has {len(stages)} stages: must have between 1 and 8"
+                f"infinitehip.stages has {len(stages)} stages: must have between 1 and 8 when "
+                "selected_tokens > 0 (the 'streaming' preset has none: give stages or use '3k')"
             )
         prev_chunk = None
         prev_refresh = None
