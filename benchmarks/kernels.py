@@ -132,11 +132,6 @@ def schedule_average(t: dict, cfg: InfiniteHipConfig) -> float:
     return total / period
 
 
-def check_against_dense(out_ours, out_fa, sel_cnt, ctx, cfg) -> float:
-    """Relative difference to FA3: ~bf16 noise when exact, larger when sparse (reported only)."""
-    return float((out_ours.float() - out_fa.float()).norm() / out_fa.float().norm())
-
-
 def run_decode(ctx: int, cfg: InfiniteHipConfig, dev: str, cmd: str, layer: int) -> list[dict]:
     scale = D**-0.5
     kc, vc, bt = make_cache(ctx)
@@ -148,10 +143,6 @@ def run_decode(ctx: int, cfg: InfiniteHipConfig, dev: str, cmd: str, layer: int)
     t = {k: bench(f, graph=True) * 1e3 for k, f in steps.items()}
     t_eager = {k: bench(f, graph=False) * 1e3 for k, f in steps.items()}
     avg = schedule_average(t, cfg)
-    fa_run()
-    steps["reuse"]()
-    torch.cuda.synchronize()
-    diff = check_against_dense(our_out, fa_out, None, ctx, cfg)
     base = dict(context_tokens=ctx, device=dev, command=cmd, unit="us", batch_size=1,
                 num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer)
     rec.append(dict(metric="decode_attention_us", backend="FLASH_ATTN", value=t_fa, **base))
@@ -159,10 +150,10 @@ def run_decode(ctx: int, cfg: InfiniteHipConfig, dev: str, cmd: str, layer: int)
         rec.append(dict(metric="decode_attention_us", backend=f"INFINITEHIP[{k}]", value=v,
                         speedup_vs_fa3=t_fa / v, eager_us=t_eager[k], **base))
     rec.append(dict(metric="decode_attention_us", backend="INFINITEHIP[schedule_avg]", value=avg,
-                    speedup_vs_fa3=t_fa / avg, refresh=cfg.refresh, rel_diff_vs_fa3=diff, **base))
+                    speedup_vs_fa3=t_fa / avg, refresh=cfg.refresh, **base))
     print(f"decode ctx={ctx:>8}: FA3 {t_fa:8.1f} us | " + " | ".join(
         f"{k} {v:7.1f} us ({t_fa / v:5.1f}x)" for k, v in t.items()) + f" | avg {avg:.1f} us "
-        f"({t_fa / avg:.1f}x) | rel diff vs FA3 {diff:.3f}", flush=True)
+        f"({t_fa / avg:.1f}x)", flush=True)
     del kc, vc
     torch.cuda.empty_cache()
     return rec
@@ -224,7 +215,10 @@ def main(argv=None) -> int:
     if args.recall:
         from benchmarks.recall import measure_recall
 
-        records += measure_recall(cfg, dev, cmd)
+        try:
+            records += measure_recall(cfg, dev, cmd)
+        except Exception as e:  # noqa: BLE001 - keep the latency records
+            print(f"recall failed: {type(e).__name__}: {e}")
     print(f"done in {time.time() - t0:.0f}s")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -90,7 +90,7 @@ def measure_recall(cfg: InfiniteHipConfig, dev: str, cmd: str, *, tokens: int = 
                                     block_size_q=cfg.block_size_q, sink_tokens=cfg.sink_tokens,
                                     window_tokens=cfg.window_tokens, device=device)
             w0 = int(qb.window_start[0])
-            nblocks = (w0 - cfg.sink_tokens) // block
+            nblocks = -(-(w0 - cfg.sink_tokens) // block)  # the last block may straddle W0
             if nblocks <= k_tokens // block:
                 continue
             q = q_all[64 - queries + j][None]  # [1, Hq, D]
@@ -100,7 +100,9 @@ def measure_recall(cfg: InfiniteHipConfig, dev: str, cmd: str, *, tokens: int = 
             kk = k[: pos + 1].float().repeat_interleave(g, dim=1)  # [t, Hq, D]
             logits = torch.einsum("hd,thd->ht", q[0].float(), kk) / d**0.5
             probs = torch.softmax(logits, dim=-1).sum(0)  # [t]
-            region = probs[cfg.sink_tokens: cfg.sink_tokens + nblocks * block].view(nblocks, block).sum(1)
+            mass = torch.zeros(nblocks * block, device=device)
+            mass[: w0 - cfg.sink_tokens] = probs[cfg.sink_tokens: w0]
+            region = mass.view(nblocks, block).sum(1)
             kb = k_tokens // block
             best = torch.topk(region, kb).indices
             ours = (sel[0, : int(cnt[0])].long() - cfg.sink_tokens) // block
