@@ -108,6 +108,7 @@ class PagedBatch:
 def make_impl(cfg: InfiniteHipConfig, hq, hkv, d) -> InfiniteHipImpl:
     impl = InfiniteHipImpl(hq, d, d**-0.5, hkv, kv_cache_dtype="auto")
     impl.hip_config = cfg
+    impl.rope_handed_over = False  # these tests feed q/k as the model's own RoPE left them
     return impl
 
 
@@ -271,6 +272,27 @@ def test_streaming_rope_exact_path_equals_dense_attention_at_true_positions():
     ref = dense_causal_attention_reference(q_rot.float(), kc, vc, md.block_table, md.seq_lens,
                                            md.query_start_loc, sm_scale=d**-0.5)
     assert (out.float() - ref).abs().max().item() < 2e-3
+
+
+def test_streaming_rope_with_handover_takes_unrotated_inputs():
+    """With the model's RoPE handed over (identity rotary embedding), q/k arrive un-rotated and
+    the result equals the rotate-back path's."""
+    rope = pytest.importorskip("vllm_hip.rope")
+    cfg = InfiniteHipConfig(rope_mode="streaming")
+    hq, hkv, d = 4, 2, 64
+    hf = SimpleNamespace(model_type="llama", rope_theta=10000.0, head_dim=d, rope_scaling=None)
+    outs = []
+    for handover in (False, True):
+        batch = PagedBatch([300], hq, hkv, d, torch.float32, seed=11)
+        layer = FakeLayer(2)
+        impl = make_impl(cfg, hq, hkv, d)
+        impl._hf_config, impl._max_positions, impl.rope_handed_over = hf, 512, handover
+        cos, sin = rope.rope_tables_from_config(hf, 513, device=DEV)
+        md, q, k, v = batch.step(cfg, [(0, 0, 300)])
+        if not handover:
+            q, k = rope.apply_rope(q, md.positions, cos, sin), rope.apply_rope(k, md.positions, cos, sin)
+        outs.append(run_impl(impl, layer, batch, md, q, k, v))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
 
 
 def test_streaming_model_types_are_checked():

@@ -152,3 +152,34 @@ def test_backend_refuses_what_it_cannot_serve():
         InfiniteHipImpl(8, 64, 0.125, 2, sliding_window=4096)
     with pytest.raises(NotImplementedError, match="ALiBi"):
         InfiniteHipImpl(8, 64, 0.125, 2, alibi_slopes=[0.1] * 8)
+
+
+def test_rope_is_handed_over_only_to_our_streaming_backend():
+    """With INFINITEHIP + streaming RoPE, models get an identity rotary embedding (q/k reach the
+    backend un-rotated); other backends and rope_mode="model" keep vLLM's own."""
+    import types
+
+    import torch
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.config.attention import AttentionConfig
+    from vllm.model_executor.layers import rotary_embedding as re
+
+    from vllm_hip import plugin
+
+    plugin.register()
+    hf = types.SimpleNamespace(model_type="llama", rope_theta=1e4, head_dim=64, rope_scaling=None)
+
+    def built(backend, options):
+        vc = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                        attention_config=AttentionConfig(backend=backend),
+                        additional_config={"infinitehip": options})
+        object.__setattr__(vc, "model_config", types.SimpleNamespace(hf_config=hf))
+        with set_current_vllm_config(vc):
+            return re.get_rope(64, 8192, rope_parameters={"rope_theta": 1e4})
+
+    ours = built("INFINITEHIP", {})
+    q, k = torch.randn(3, 128), torch.randn(3, 64)
+    out_q, out_k = ours(torch.arange(3), q, k)
+    assert out_q is q and out_k is k and plugin.rope_handed_over()
+    assert type(built("FLASH_ATTN", {})).__name__ == "RotaryEmbedding"
+    assert type(built("INFINITEHIP", {"rope_mode": "model"})).__name__ == "RotaryEmbedding"

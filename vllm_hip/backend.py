@@ -322,6 +322,11 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         )
         if self.hip_config.rope_mode == "streaming" and self._hf_config is not None:
             check_streaming_rope_support(self._hf_config, head_size)
+        from vllm_hip.plugin import rope_handed_over
+
+        # The model's rotary embedding was replaced by an identity (plugin.py): q and k arrive
+        # un-rotated. Otherwise they arrive rotated and are rotated back here.
+        self.rope_handed_over = rope_handed_over()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._mask_cache: LayerMaskCache | None = None
         self.layer_idx: int | None = None
@@ -368,7 +373,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         rope = self._rope_tables(q.device)
-        if rope is not None:
+        if rope is not None and not self.rope_handed_over:
             from vllm_hip.rope import unrotate
 
             # q and k arrive rotated at their true positions by the model; the kernels assign
@@ -599,6 +604,14 @@ def _layer_index_from_name(name: str) -> int:
         if part.isdigit():
             return int(part)
     return 0
+
+
+def streaming_rope_supported(hf_config: Any) -> bool:
+    try:
+        check_streaming_rope_support(hf_config, 0)
+    except ValueError:
+        return False
+    return True
 
 
 def check_streaming_rope_support(hf_config: Any, head_size: int) -> None:

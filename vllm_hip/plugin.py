@@ -43,6 +43,7 @@ def register() -> None:
         # EnumMeta.__getitem__ reads _member_map_, which is where Enum keeps aliases too.
         AttentionBackendEnum._member_map_[BACKEND_NAME] = AttentionBackendEnum.CUSTOM
         _patch_long_context()
+        _patch_get_rope()
         _registered = True
         logger.debug("vllm-hip: registered %s as AttentionBackendEnum.CUSTOM", BACKEND_NAME)
 
@@ -107,3 +108,84 @@ def _patch_long_context() -> None:
     create_engine_config._vllm_hip_wrapped = True  # type: ignore[attr-defined]
     create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------ RoPE hand-over
+_rope_handed_over = False
+
+
+def rope_handed_over() -> bool:
+    """True once a model layer in this process was built with the identity rotary embedding."""
+    return _rope_handed_over
+
+
+def _streaming_rope_selected() -> bool:
+    from vllm.config import get_current_vllm_config_or_none
+
+    vc = get_current_vllm_config_or_none()
+    if vc is None or not is_infinitehip(getattr(vc.attention_config, "backend", None)):
+        return False
+    from vllm_hip.config import InfiniteHipConfig
+
+    try:
+        cfg = InfiniteHipConfig.from_vllm_additional_config(vc.additional_config)
+    except ValueError:
+        return False  # reported by the backend with the field's name
+    model_config = getattr(vc, "model_config", None)
+    if cfg.rope_mode != "streaming" or model_config is None:
+        return False
+    from vllm_hip.backend import streaming_rope_supported
+
+    return streaming_rope_supported(model_config.hf_config)
+
+
+def _patch_get_rope() -> None:
+    """Take RoPE over from the model when INFINITEHIP streams positions itself.
+
+    With ``rope_mode="streaming"`` the kernels rotate queries and keys at positions they assign, so
+    the model's own rotation would only have to be undone (in bf16: a second rounding of every key
+    in the cache). Models build their rotary embedding through ``get_rope`` while the VllmConfig
+    is current; when our backend is selected the model gets an embedding that leaves q and k as
+    they are, and the backend sees them un-rotated. Every other backend gets vLLM's own.
+    """
+    from vllm.model_executor.layers import rotary_embedding as re
+
+    original = re.get_rope
+    if getattr(original, "_vllm_hip_wrapped", False):
+        return
+
+    def get_rope(*args, **kwargs):
+        rope = original(*args, **kwargs)
+        if not _streaming_rope_selected():
+            return rope
+        global _rope_handed_over
+        _rope_handed_over = True
+        return _IdentityRope(rope)
+
+    get_rope._vllm_hip_wrapped = True  # type: ignore[attr-defined]
+    get_rope.__wrapped__ = original  # type: ignore[attr-defined]
+    re.get_rope = get_rope
+
+
+def _identity_rope_class():
+    import torch
+
+    class IdentityRope(torch.nn.Module):
+        """Stands in for the model's rotary embedding: q and k pass through un-rotated."""
+
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            # Kept (not registered as a submodule) for introspection: head_size, rotary_dim, ...
+            self.__dict__["inner"] = inner
+            self.head_size = getattr(inner, "head_size", None)
+            self.rotary_dim = getattr(inner, "rotary_dim", None)
+            self.is_neox_style = getattr(inner, "is_neox_style", True)
+
+        def forward(self, positions, query, key=None, *args, **kwargs):
+            return query, key
+
+    return IdentityRope
+
+
+def _IdentityRope(inner):  # noqa: N802 - a class built lazily so this module needs no torch
+    return _identity_rope_class()(inner)
