@@ -116,6 +116,27 @@ def query_all(port: int, prompts: list[str], max_tokens: int) -> tuple[dict, int
     return outputs, errors
 
 
+def long_requests_and_metrics(port: int, n_tokens: int, path: str) -> None:
+    """Exercise the pruning path with a few long prompts, then save the server's /metrics."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    words = n_tokens // 24
+    for i in range(3):
+        text = f"Document {i}. " + filler * words + f" The secret number is {1000 + i}. What is the secret number?"
+        client.completions.create(model="m", prompt=text, max_tokens=32, temperature=0)
+    time.sleep(6)  # vLLM publishes engine stats every few seconds
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        body = r.read().decode()
+    with open(path, "w") as f:
+        f.write(body)
+    ours = [line for line in body.splitlines() if "infinitehip" in line and not line.startswith("#")]
+    print(f"{len(ours)} infinitehip series samples on /metrics; first ones:")
+    for line in ours[:40]:
+        print("  " + line)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("SMOLLM2"), required=os.environ.get("SMOLLM2") is None)
@@ -128,19 +149,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--metrics-tokens", type=int, default=0,
+                    help="after the comparison, send 3 prompts of this many tokens to INFINITEHIP "
+                         "servers and save /metrics to LOG_DIR/metrics_<backend>.txt")
+    ap.add_argument("--label", action="append", default=[],
+                    help="BACKEND=NAME:JSON to add a server run of BACKEND with --additional-config JSON")
     args = ap.parse_args(argv)
 
     prompts = PROMPTS[: args.num_prompts]
     results: dict[str, dict] = {}
     errors: dict[str, int] = {}
-    for backend in args.backends.split(","):
-        proc = launch(args.model, backend, args.port, shlex.split(args.extra),
-                      os.path.join(args.log_dir, f"serve_{backend}.log"))
+    runs = [(b, b, []) for b in args.backends.split(",")]
+    for spec in args.label:  # e.g. INFINITEHIP=INFINITEHIP[model]:{"infinitehip":{"rope_mode":"model"}}
+        backend, rest = spec.split("=", 1)
+        name, cfg = rest.split(":", 1)
+        runs.append((backend, name, ["--additional-config", cfg]))
+    for backend, name, extra in runs:
+        proc = launch(args.model, backend, args.port, shlex.split(args.extra) + extra,
+                      os.path.join(args.log_dir, f"serve_{name}.log"))
         try:
             t0 = time.time()
             wait_healthy(args.port, proc, args.startup_timeout)
-            print(f"{backend}: healthy after {time.time() - t0:.0f}s", flush=True)
-            results[backend], errors[backend] = query_all(args.port, prompts, args.max_tokens)
+            print(f"{name}: healthy after {time.time() - t0:.0f}s", flush=True)
+            results[name], errors[name] = query_all(args.port, prompts, args.max_tokens)
+            if args.metrics_tokens and backend == "INFINITEHIP" and not extra:
+                long_requests_and_metrics(args.port, args.metrics_tokens,
+                                          os.path.join(args.log_dir, f"metrics_{name}.txt"))
         finally:
             stop(proc)
 
