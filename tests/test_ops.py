@@ -151,7 +151,13 @@ def test_alloc_pinned_mapped(impl):
     t = _ops.alloc_pinned_mapped([3, 5, 2], torch.bfloat16)
     assert t.shape == (3, 5, 2) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
     assert t.is_contiguous()
-    assert t.is_pinned() == (torch.cuda.device_count() > 0)
+    if torch.cuda.device_count() > 0:
+        # Pinned and mapped: the device view aliases it. (torch 2.11's Tensor.is_pinned() reported
+        # False for this cudaHostAlloc'ed memory on the H100, so it is not the check here.)
+        view = _ops.host_device_view(t)
+        assert view.is_cuda and view.data_ptr() != 0
+    else:
+        assert not t.is_pinned()
     t.fill_(1.5)
     assert float(t.float().sum()) == 1.5 * 30
     assert _ops.alloc_pinned_mapped([0, 4], torch.float32).numel() == 0

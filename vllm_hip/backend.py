@@ -120,6 +120,7 @@ class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
         if self.hip_config.max_selected_tokens > 0 and num_reqs > 0:
             tracker = self._row_tracker(block_table)
         self._step += 1
+        hip_stats.get_stats().record_step()
         return build_metadata(
             self.hip_config,
             query_start_loc=cm.query_start_loc,
