@@ -323,6 +323,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         )
         if self.hip_config.rope_mode == "streaming" and self._hf_config is not None:
             check_streaming_rope_support(self._hf_config, head_size)
+        if self.hip_config.offload:
+            from vllm_hip import worker
+
+            # Model layers are built before vLLM allocates the KV cache: ask for host memory now.
+            worker.request_offload(True)
+            worker.install_allocation_hooks()
         from vllm_hip.plugin import rope_handed_over
 
         # The model's rotary embedding was replaced by an identity (plugin.py): q and k arrive

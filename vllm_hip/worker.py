@@ -1,0 +1,117 @@
+"""Host-resident KV cache for INFINITEHIP with ``offload: true`` (first step of KV offloading).
+
+vLLM sizes its KV cache from ``--kv-cache-memory-bytes`` and allocates it as raw int8 buffers on
+the GPU. With offload on, those buffers are carved instead from one pinned, GPU-mapped host
+allocation and handed to vLLM as CUDA tensors aliasing host memory (UVA): the cache can be far
+larger than the GPU, vLLM's scheduler, prefix caching and preemption see ordinary blocks, and the
+Triton kernels read pages over PCIe through the same pointers (zero-copy).
+
+Not yet here: the per-layer GPU cache of hot pages (``vllm_hip.offload.GpuBlockCache``) in front of
+those reads. Until the kernels read through its page table, every page read crosses PCIe.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vllm_hip import _ops
+from vllm_hip.offload import HostMemoryError, available_host_bytes
+
+logger = logging.getLogger("vllm_hip")
+
+#: Set when an INFINITEHIP layer is built with ``offload: true`` (model construction happens
+#: before vLLM allocates the KV cache, in the same worker process).
+_offload_requested = False
+
+#: Fraction of available host memory the KV store may pin (the rest keeps the OS alive).
+MAX_HOST_FRACTION = 0.9
+
+
+def request_offload(enabled: bool) -> None:
+    global _offload_requested
+    _offload_requested = _offload_requested or enabled
+
+
+def offload_requested() -> bool:
+    return _offload_requested
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """vLLM's raw KV buffers (layer name → int8 tensor), carved from pinned mapped host memory.
+
+    Mirrors vLLM's allocation: one buffer per ``kv_cache_tensors`` entry, shared by the layers it
+    names; entries with ``block_stride > 0`` alias one packed backing. Raises
+    :class:`HostMemoryError` naming the bytes asked and free when the host cannot hold it.
+    """
+    entries = list(kv_cache_config.kv_cache_tensors)
+    packed = [e for e in entries if getattr(e, "block_stride", 0) > 0]
+    plain = [e for e in entries if getattr(e, "block_stride", 0) <= 0]
+    sizes = [int(e.size) for e in plain] + ([int(packed[0].size)] if packed else [])
+    total = sum(sizes)
+    free = available_host_bytes()
+    if total > MAX_HOST_FRACTION * free:
+        raise HostMemoryError(
+            f"INFINITEHIP offload: the KV cache needs {total} bytes ({_gib(total)}) of pinned host "
+            f"memory but only {free} bytes ({_gib(free)}) are free and at most "
+            f"{MAX_HOST_FRACTION:.0%} of that may be pinned: lower --kv-cache-memory-bytes "
+            f"to at most {int(MAX_HOST_FRACTION * free)}"
+        )
+    host = _ops.alloc_pinned_mapped([total], torch.int8)
+    host.zero_()
+    view = _ops.host_device_view(host) if torch.device(device).type == "cuda" else host
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for e in plain:
+        t = view[offset : offset + int(e.size)]
+        offset += int(e.size)
+        for name in e.shared_by:
+            out[name] = t
+    if packed:
+        t = view[offset : offset + int(packed[0].size)]
+        for e in packed:
+            for name in e.shared_by:
+                out[name] = t
+    logger.info(
+        "vllm-hip: KV cache of %s in pinned host memory (GPU-mapped, read over PCIe)", _gib(total)
+    )
+    return out
+
+
+def install_allocation_hooks() -> None:
+    """Route vLLM's KV allocation (V1 and V2 model runners) here when offload was requested."""
+    try:
+        from vllm.v1.worker.gpu import attn_utils
+    except ImportError:  # pragma: no cover - other vLLM layouts
+        attn_utils = None
+    if attn_utils is not None and not getattr(attn_utils._allocate_kv_cache, "_vllm_hip", False):
+        original_v2 = attn_utils._allocate_kv_cache
+
+        def _allocate_kv_cache(kv_cache_config, shared_layers, device):
+            if not _offload_requested:
+                return original_v2(kv_cache_config, shared_layers, device)
+            return allocate_host_resident(kv_cache_config, device)
+
+        _allocate_kv_cache._vllm_hip = True  # type: ignore[attr-defined]
+        attn_utils._allocate_kv_cache = _allocate_kv_cache
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:  # pragma: no cover
+        return
+    original_v1 = GPUModelRunner._allocate_kv_cache_tensors
+    if getattr(original_v1, "_vllm_hip", False):
+        return
+
+    def _allocate_kv_cache_tensors(self, kv_cache_config):
+        if not _offload_requested:
+            return original_v1(self, kv_cache_config)
+        return allocate_host_resident(kv_cache_config, self.device)
+
+    _allocate_kv_cache_tensors._vllm_hip = True  # type: ignore[attr-defined]
+    GPUModelRunner._allocate_kv_cache_tensors = _allocate_kv_cache_tensors
