@@ -81,6 +81,8 @@ class InfiniteHipMetadata:
     step_id: int
     plans: dict[int, RefreshPlan | None] = field(default_factory=dict)
     """Refresh plan per k (filled lazily by the first layer that uses that k)."""
+    all_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
 
 
 class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
@@ -446,7 +448,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         if qb_cpu.max_window_start - cfg.sink_tokens <= k_tokens:
             # Every block between sink and window fits in k: attend everything (exact).
             st.record_exact_fallback()
-            return all_blocks_selection(qb, qb_cpu, cfg.sink_tokens, cfg.block_size_k)
+            if md.all_blocks is None:
+                md.all_blocks = all_blocks_selection(qb, qb_cpu, cfg.sink_tokens, cfg.block_size_k)
+            return md.all_blocks
 
         from triton_kernels import prune
 
