@@ -489,7 +489,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
         sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
         rows_dev = qb.seq.long()
-        num_stages = len(stages)
         for s, idx_cpu in enumerate(plan.groups):
             if idx_cpu.numel() == 0:
                 continue
@@ -530,7 +529,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         n_decode_refresh = int(plan.is_decode_block.sum()) - int(plan.reuse.numel())
         if n_decode_refresh > 0:
             st.record_mask_lookup(False, n_decode_refresh)
-        del num_stages
         return sel, sel_count
 
     def _layer_mask_cache(self, stages: list["_Stage"], md: InfiniteHipMetadata, device) -> LayerMaskCache:
