@@ -180,7 +180,8 @@ def reference_forward(cfg, batch, md, q, d, layer_idx=0):
     stages = [SimpleNamespace(chunk_size=s.chunk_size, keep_tokens=cfg.stage_keep_tokens(i, layer_idx),
                               query_pool=s.query_pool) for i, s in enumerate(cfg.stages)]
     sel, cnt, _ = select_blocks_reference(q.float(), kc.float(), md.block_table, md.seq_lens, md.qblocks,
-                                          stages, sink_tokens=cfg.sink_tokens)
+                                          stages, sink_tokens=cfg.sink_tokens,
+                                          score_norm=cfg.score_norm)
     out = sparse_attention_reference(q.float(), kc, vc, md.block_table, md.seq_lens, md.qblocks, sel, cnt,
                                      sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k,
                                      sm_scale=d**-0.5)

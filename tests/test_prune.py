@@ -262,6 +262,20 @@ def test_select_blocks_matches_reference_and_caching(mask_rope):
         assert all(x is None for x in in2[:first]) and in2[first] is inputs[first]
 
 
+def test_head_max_normalization_matches_reference_and_changes_the_ranking():
+    case = make_case(seed=11, page_size=16, specs=[(1, 700), (19, 463), (3, 1000)])
+    stages = [Stage(64, 256, 4), Stage(8, 48, 1)]
+    kw = stage_kwargs(case, None)
+    sel, cnt, _ = select_blocks(*case.args(), stages, score_norm="head_max", **kw)
+    rsel, rcnt, _ = select_blocks_reference(*case.args(), stages, score_norm="head_max", **kw)
+    assert torch.equal(sel.cpu(), rsel.cpu()) and torch.equal(cnt.cpu(), rcnt.cpu())
+    check_selection_invariants(sel, cnt, case.qblocks, case.sink)
+    raw, _, _ = select_blocks(*case.args(), stages, **kw)
+    assert not torch.equal(raw, sel)  # the normalization really changes which blocks win
+    with pytest.raises(ValueError, match="score_norm="):
+        select_blocks(*case.args(), stages, score_norm="l2", **kw)
+
+
 @pytest.mark.parametrize("page", [16, 32])
 def test_selection_invariants_ragged(page):
     specs = [(1, 1328), (5, 18), (64, 463), (1, 61), (2, 300), (1, 57)]

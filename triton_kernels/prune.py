@@ -247,6 +247,7 @@ def score_chunks(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
+    score_norm: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every candidate chunk of every query block (inspection and tests; :func:`run_stage`
     fuses the head max and the top-k instead).
@@ -275,8 +276,27 @@ def score_chunks(
         nb = qblocks.num_blocks
         scores = torch.full((nb, num_cand), float("-inf"), device=q.device, dtype=torch.float32)
     else:
-        scores = head_scores.amax(1)
+        scores = normalize_head_scores(head_scores, score_norm).amax(1)
     return scores, starts, n_cand
+
+
+SCORE_NORMS = ("none", "head_max")
+
+
+def normalize_head_scores(head_scores: torch.Tensor, score_norm: str) -> torch.Tensor:
+    """Per-kv-head chunk scores [NB, Hkv, C] as they enter the max over heads.
+
+    ``"none"``: raw scores. ``"head_max"``: each head's scores minus that head's best over the
+    block's candidates, so a head with large logits everywhere cannot crowd out another head's
+    peak (measured on SmolLM2: the passkey block was rank 0 for a retrieval head and rank 272 of
+    800 after the raw max over heads). Invalid candidates stay -inf.
+    """
+    if score_norm == "none":
+        return head_scores
+    if score_norm != "head_max":
+        raise ValueError(f"score_norm={score_norm!r} must be one of {SCORE_NORMS}")
+    ref = head_scores.amax(-1, keepdim=True)
+    return head_scores - torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
 
 
 def _keep_top_torch(scores: torch.Tensor, starts: torch.Tensor, keep_chunks: int):
@@ -314,6 +334,7 @@ def run_stage(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
+    score_norm: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one pruning stage: score candidate chunks, keep the top ``keep_chunks``.
 
@@ -375,6 +396,7 @@ def run_stage(
             torch.full((nb, keep_chunks), -1, device=dev, dtype=torch.int32),
             torch.zeros(nb, device=dev, dtype=torch.int32),
         )
+    head_scores = normalize_head_scores(head_scores, score_norm)
     block_t = triton.next_power_of_2(num_cand)
     if block_t > _MAX_FUSED_TOPK:
         starts, _ = _stage_starts_counts(
@@ -455,6 +477,7 @@ def select_blocks(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
+    score_norm: str = "none",
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -514,6 +537,7 @@ def select_blocks(
             chunk_size=st.chunk_size, keep_chunks=st.keep_tokens // st.chunk_size,
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
             mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
+            score_norm=score_norm,
         )
         if i + 1 < len(stages):
             inp = split_chunks(

@@ -66,6 +66,7 @@ def score_chunks_reference(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
+    score_norm: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of :func:`triton_kernels.prune.score_chunks`: (scores [NB, C] fp32,
     starts [NB, C] int32, n_cand [NB] int32)."""
@@ -135,6 +136,9 @@ def score_chunks_reference(
             best = torch.maximum(best, torch.maximum(s_l, s_r))
             lo = torch.where(go_r, mid, lo)
             hi = torch.where(go_r, hi, mid)
+        if score_norm == "head_max":
+            # each head relative to its own best candidate (valid candidates only)
+            best = best - best.amax(0, keepdim=True)
         scores[b, j_idx] = best.amax(1).float()
     n_cand = torch.tensor(counts, dtype=torch.int32, device=dev)
     return scores.to(dev), all_starts.to(dev, torch.int32), n_cand
@@ -158,12 +162,13 @@ def run_stage_reference(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
+    score_norm: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`triton_kernels.prune.run_stage`."""
     scores, starts, _ = score_chunks_reference(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
-        mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
+        mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, score_norm=score_norm,
     )
     nb = scores.shape[0]
     out = torch.full((nb, keep_chunks), -1, dtype=torch.int32)
@@ -218,6 +223,7 @@ def select_blocks_reference(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
+    score_norm: str = "none",
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -240,7 +246,7 @@ def select_blocks_reference(
             q, key_cache, block_table, seq_lens, qblocks, cs, cc,
             chunk_size=st.chunk_size, keep_chunks=st.keep_tokens // st.chunk_size,
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
-            mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
+            mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, score_norm=score_norm,
         )
         if i + 1 < len(stages):
             inp = split_chunks_reference(

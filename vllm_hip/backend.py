@@ -468,6 +468,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             cos=rope[0] if rope is not None else None,
             sin=rope[1] if rope is not None else None,
             rope_distance=cfg.window_tokens,
+            score_norm=cfg.score_norm,
         )
         plan = md.plans.get(k_tokens)
         if plan is None:

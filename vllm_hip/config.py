@@ -163,6 +163,14 @@ class InfiniteHipConfig:
     stages: tuple[PruningStage, ...] = field(default_factory=lambda: _stages_3k(REFRESH_PRESETS["paper"]))
     """Pruning stages, coarse to fine. Default: the paper's 3K preset (256 → 32 → 8)."""
 
+    score_norm: str = "head_max"
+    """How per-kv-head chunk scores combine into one ranking. ``"head_max"``: each head's scores
+    minus that head's best over the block's candidates, then the max over heads. ``"none"``: the
+    raw max over heads, as the paper describes. On SmolLM2 the raw rule let one kv head with large
+    logits everywhere push a retrieval head's top block (the passkey) out of the top k: passkey
+    1/3 at 4K and 0/3 at 16K versus 3/3 and 2/3 with ``"head_max"`` (benchmarks/results/
+    passkey_cpu.json)."""
+
     rope_mode: str = "streaming"
     """``"streaming"``: keys are cached without RoPE and the kernels assign positions (sparse
     attention: query at its position, selected tokens renumbered just before the window, sink before
@@ -279,6 +287,7 @@ class InfiniteHipConfig:
         _check_int("early_layers", self.early_layers, 0, 1024)
         _check_int("decode_splits", self.decode_splits, 0, 256)
         _check_choice("rope_mode", self.rope_mode, ("streaming", "model"))
+        _check_choice("score_norm", self.score_norm, ("head_max", "none"))
         for name in ("allow_long_context", "export_metrics", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
