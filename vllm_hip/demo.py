@@ -8,8 +8,9 @@ then prints a table, writes JSON records in the project's benchmark format and a
     python -m vllm_hip.demo --lengths 4096,16384,32768 --depths 0.25,0.75 --keys 2
 
 Backends: ``dense`` (transformers SDPA), ``infinitehip`` (the default config: per-kv-head score
-normalization, ``score_norm="head_max"``) and ``infinitehip-rawmax`` (the paper's raw max of chunk
-scores over kv heads, ``score_norm="none"``). About 20 s per 16K dense prompt and 100-130 s per
+normalization, ``score_norm="head_max"``), ``infinitehip-rawmax`` (the paper's raw max of chunk
+scores over kv heads, ``score_norm="none"``) and ``infinitehip-streaming`` (sink + window only,
+the StreamingLLM-style baseline). About 20 s per 16K dense prompt and 100-130 s per
 16K InfiniteHiP prompt on 2 cores of a recent Xeon.
 """
 
@@ -24,11 +25,12 @@ import time
 
 __all__ = ["main", "BACKENDS"]
 
+#: name -> InfiniteHiP options layered over --config (None: dense attention).
 BACKENDS = {
     "dense": None,
-    # The default (score_norm="head_max") and the paper's raw max over heads, for comparison.
-    "infinitehip": "head_max",
-    "infinitehip-rawmax": "none",
+    "infinitehip": {},  # the default config (score_norm="head_max")
+    "infinitehip-rawmax": {"score_norm": "none"},  # the paper's raw max over kv heads
+    "infinitehip-streaming": {"preset": "streaming"},  # sink + window only (k = 0)
 }
 
 
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     trained = int(getattr(model.config, "max_position_embeddings", 8192))
-    hip_cfg = InfiniteHipConfig.from_dict(hip_options)
+    configs = {b: InfiniteHipConfig.from_dict({**(hip_options or {}), **o})
+               for b, o in BACKENDS.items() if o is not None and b in backends}
     device = f"cpu: {_cpu_name()} ({args.threads} threads, {args.dtype})"
     command = "python -m vllm_hip.demo " + " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             if BACKENDS[backend] is None:
                 hip_hf.disable_infinitehip(model, "sdpa")
             else:
-                hip_hf.enable_infinitehip(model, hip_cfg, score_norm=BACKENDS[backend])
+                hip_hf.enable_infinitehip(model, configs[backend])
             current = backend
         bar.set_postfix_str(f"{backend} {n // 1024}K depth {depth:.2f}")
         key = random_passkey(seed=hash((n, depth, rep)) % (2**31))
@@ -139,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 command=command, model="SmolLM2-135M-Instruct", trained_tokens=trained,
                 trials=len(rows), depths=depths,
                 seconds_per_prompt=sum(r["seconds"] for r in rows) / len(rows),
-                config=None if BACKENDS[b] is None else {"preset": hip_cfg.preset, **(hip_options or {}),
-                                                          "score_norm": BACKENDS[b]},
+                config=None if BACKENDS[b] is None else {**(hip_options or {}), **BACKENDS[b],
+                                                          "score_norm": configs[b].score_norm},
                 answers=[{"depth": r["depth"], "key": r["key"], "answer": r["answer"]} for r in rows],
             ))  # fmt: skip
 
