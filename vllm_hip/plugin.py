@@ -42,7 +42,7 @@ def register() -> None:
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS)
         # EnumMeta.__getitem__ reads _member_map_, which is where Enum keeps aliases too.
         AttentionBackendEnum._member_map_[BACKEND_NAME] = AttentionBackendEnum.CUSTOM
-        _patch_long_context()
+        _wrap_create_engine_config()
         _patch_get_rope()
         _registered = True
         logger.debug("vllm-hip: registered %s as AttentionBackendEnum.CUSTOM", BACKEND_NAME)
@@ -93,7 +93,7 @@ def _prepare_engine_args(engine_args: object) -> None:
         )
 
 
-def _patch_long_context() -> None:
+def _wrap_create_engine_config() -> None:
     # `vllm serve`, LLM(...) and AsyncEngineArgs all build the VllmConfig here: wrap it once.
     from vllm.engine.arg_utils import EngineArgs
 
