@@ -101,29 +101,6 @@ def worker(args) -> int:
     return 0
 
 
-def plot(records: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for backend in sorted({r["backend"] for r in records}):
-        pts = sorted((r["context_tokens"], r["value"]) for r in records
-                     if r["backend"] == backend and r["metric"] == "passkey_accuracy")
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=backend)
-    ax.axvline(8192, color="gray", ls="--", lw=1)
-    ax.text(8192, 50, " trained length (8K)", color="gray")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("passkey accuracy (%)")
-    ax.set_ylim(-5, 105)
-    ax.set_title("SmolLM2-135M-Instruct passkey retrieval through vLLM")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("SMOLLM2"))
@@ -202,7 +179,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
     if args.plot and records:
-        plot(records, args.plot)
+        from vllm_hip.demo import plot_passkey
+
+        plot_passkey(records, args.plot, trained=8192,
+                     title="SmolLM2-135M-Instruct passkey retrieval through vLLM")
     return 0
 
 

@@ -45,13 +45,17 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def _plot(records: list[dict], path: str, trained: int) -> None:
+def plot_passkey(records: list[dict], path: str, trained: int,
+                 title: str = "SmolLM2-135M-Instruct passkey retrieval on CPU (transformers)") -> None:
+    """PNG of passkey accuracy vs prompt length, one line per backend (``passkey_accuracy``
+    records in the project's benchmark format)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    records = [r for r in records if r["metric"] == "passkey_accuracy"]
     for backend in dict.fromkeys(r["backend"] for r in records):
         pts = sorted((r["context_tokens"], r["value"]) for r in records if r["backend"] == backend)
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=backend)
@@ -61,7 +65,7 @@ def _plot(records: list[dict], path: str, trained: int) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("passkey accuracy (%)")
     ax.set_ylim(-5, 105)
-    ax.set_title("SmolLM2-135M-Instruct passkey retrieval on CPU (transformers)")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote", args.out)
     plot_path = args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else None)
     if plot_path:
-        _plot(records, plot_path, trained)
+        plot_passkey(records, plot_path, trained)
         print("wrote", plot_path)
     return 0
 
