@@ -183,7 +183,11 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     positions = torch.as_tensor(positions, device=x.device)
     if positions.dtype.is_floating_point:
         raise ValueError(f"positions must be integers, got {positions.dtype}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]):
+    # The range check reads the positions on the host: done on the CPU only, so the serving path
+    # never syncs (there the tables cover max_model_len, which vLLM enforces).
+    if not positions.is_cuda and positions.numel() and (
+        int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]
+    ):
         raise ValueError(
             f"positions span [{int(positions.min())}, {int(positions.max())}] but the tables have "
             f"{cos.shape[0]} positions"
