@@ -21,6 +21,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+# SCORE_NORMS / normalize_head_scores: how per-kv-head chunk scores combine into one ranking;
+# the kernels, the references and the CPU path below share that one definition.
+from triton_kernels.prune import SCORE_NORMS, normalize_head_scores
 from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
 from vllm_hip.config import InfiniteHipConfig
 
@@ -37,13 +40,6 @@ IMPLEMENTATIONS = ("auto", "triton", "reference", "torch")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Bytes of temporaries the vectorized path allows itself per slice of query blocks.
 _SLICE_BYTES = 96 << 20
-#: How per-kv-head chunk scores are combined before ranking (``score_norm`` argument):
-#: ``"none"``: max over kv heads of the raw scores (the kernels' rule, docs/infinitehip.md §2.4);
-#: ``"head_max"``: each head's scores minus that head's best score over the block's candidates,
-#: then max over heads (every implementation; the config's default). On SmolLM2-135M the raw rule lets one kv
-#: head whose logits are large everywhere (median +25 vs -28) push the passkey's digit block of
-#: a retrieval head (its rank 0) out of the top k (rank ~270 of 800, k = 256 blocks).
-SCORE_NORMS = ("none", "head_max")
 
 
 @dataclass
@@ -497,11 +493,8 @@ def _torch_score_chunks(q, k, qb, qb_cpu, starts, n_cand, valid, stage, *, mask_
             best = m if best is None else torch.maximum(best, m)
             lo = torch.where(go_r, mid, lo)
             hi = torch.where(go_r, hi, mid)
-        if score_norm == "head_max":
-            # Rank a candidate by its distance to its own head's best, so a kv head with large
-            # logits everywhere cannot crowd out another head's peak (see SCORE_NORMS).
-            ref = best.masked_fill(~ok[:, None, :], float("-inf")).amax(-1, keepdim=True)
-            best = best - torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
+        if score_norm != "none":
+            best = normalize_head_scores(best.masked_fill(~ok[:, None, :], float("-inf")), score_norm)
         sc = best.amax(1).float()
         scores[s0:s1] = sc.masked_fill(~ok, float("-inf"))
     return scores
