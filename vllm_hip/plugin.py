@@ -12,6 +12,7 @@ Registration is idempotent and touches nothing but CUSTOM and the alias.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -167,6 +168,7 @@ def _patch_get_rope() -> None:
     re.get_rope = get_rope
 
 
+@functools.lru_cache(maxsize=None)
 def _identity_rope_class():
     import torch
 
