@@ -2,7 +2,10 @@
 
 SmolLM2-135M-Instruct ($SMOLLM2) was trained to 8K tokens. For each backend (one vLLM engine per
 backend, in its own process) this asks for a 5-digit passkey hidden at depths 10%..90% in prompts
-of 4K..128K tokens (2 keys per depth), greedy, and also records the teacher-forced top-1 next
+of 4K..128K tokens (2 keys per depth), greedy; with the "multikey" task (RULER's multi-key needle
+in a haystack, :func:`vllm_hip.passkey.make_multikey_prompt`) it also asks for one of 4 "special
+magic numbers" keyed by distinct words, the queried one at the same depths, the 3 distractors
+spread over the rest of the context. It also records the teacher-forced top-1 next
 token over ordinary English text (docstrings of Python's standard library) at two lengths, to
 report agreement with FLASH_ATTN inside the trained length.
 
@@ -27,6 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+TASKS = ("passkey", "multikey")
+TASK_METRICS = {"passkey": "passkey_accuracy", "multikey": "multikey_accuracy"}
+"""Summary metric of each task's accuracy records."""
 
 
 def english_text(min_chars: int) -> str:
@@ -53,7 +59,13 @@ def worker(args) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_hip.passkey import make_passkey_prompt, passkey_correct, random_passkey
+    from vllm_hip.passkey import (
+        make_multikey_prompt,
+        make_passkey_prompt,
+        multikey_correct,
+        passkey_correct,
+        random_passkey,
+    )
 
     tok = AutoTokenizer.from_pretrained(args.model)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -68,25 +80,35 @@ def worker(args) -> int:
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0, max_tokens=12)
     results = {"backend": args.backend, "passkey": [], "top1": {}}
+    tasks = _parse_tasks(args.tasks)
     for n in lengths:
-        prompts = []
-        for d in DEPTHS:
-            for rep in range(args.keys):
-                key = random_passkey(seed=hash((n, d, rep)) % (2**31))
-                prompts.append(make_passkey_prompt(tok, n, d, key))
-        t0 = time.time()
-        try:
-            outs = llm.generate([{"prompt_token_ids": p.input_ids} for p in prompts], sp, use_tqdm=False)
-            texts = [o.outputs[0].text for o in outs]
-            err = None
-        except Exception as e:  # noqa: BLE001 - a backend that breaks at a length scores 0 there
-            texts, err = [""] * len(prompts), f"{type(e).__name__}: {e}"[:300]
-        for p, t in zip(prompts, texts):
-            results["passkey"].append(dict(length=n, tokens=p.n_tokens, depth=p.depth, key=p.key,
-                                           answer=t, correct=passkey_correct(t, p.key), error=err))
-        acc = sum(passkey_correct(t, p.key) for p, t in zip(prompts, texts)) / len(prompts)
-        print(f"[{args.backend}] {n:>7} tokens: passkey {acc:.0%} ({time.time() - t0:.1f}s)"
-              + (f" ERROR {err}" if err else ""), flush=True)
+        for task in tasks:
+            prompts = []
+            for d in DEPTHS:
+                for rep in range(args.keys):
+                    if task == "passkey":
+                        key = random_passkey(seed=hash((n, d, rep)) % (2**31))
+                        prompts.append(make_passkey_prompt(tok, n, d, key))
+                    else:
+                        prompts.append(make_multikey_prompt(tok, n, d, seed=hash((n, d, rep, 1)) % (2**31)))
+            correct = passkey_correct if task == "passkey" else multikey_correct
+            t0 = time.time()
+            try:
+                outs = llm.generate([{"prompt_token_ids": p.input_ids} for p in prompts], sp, use_tqdm=False)
+                texts = [o.outputs[0].text for o in outs]
+                err = None
+            except Exception as e:  # noqa: BLE001 - a backend that breaks at a length scores 0 there
+                texts, err = [""] * len(prompts), f"{type(e).__name__}: {e}"[:300]
+            for p, t in zip(prompts, texts):
+                rec = dict(task=task, length=n, tokens=p.n_tokens, depth=p.depth, key=p.key,
+                           answer=t, correct=correct(t, p.key), error=err)
+                if task == "multikey":
+                    rec.update(query=p.query, distractors=list(p.distractors),
+                               distractor_depths=list(p.distractor_depths))
+                results["passkey"].append(rec)
+            acc = sum(correct(t, p.key) for p, t in zip(prompts, texts)) / len(prompts)
+            print(f"[{args.backend}] {n:>7} tokens: {task} {acc:.0%} ({time.time() - t0:.1f}s)"
+                  + (f" ERROR {err}" if err else ""), flush=True)
     # Teacher-forced top-1 next token over ordinary text.
     ids = tok(english_text(args.text_tokens * 6)).input_ids
     for n in (int(x) for x in args.text_lengths.split(",")):
@@ -101,12 +123,73 @@ def worker(args) -> int:
     return 0
 
 
+def _parse_tasks(text: str) -> list[str]:
+    tasks = [t for t in text.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"--tasks {text!r}: choose from {','.join(TASKS)}")
+    return tasks
+
+
+def accuracy_records(raw: dict, *, device: str, command: str) -> list[dict]:
+    """Summary records of the workers' raw retrieval results (``{backend: worker results}``):
+    per backend, task and length, the fraction correct as metric ``passkey_accuracy`` (task
+    passkey) or ``multikey_accuracy`` (task multikey). Raw records without a ``task`` (written
+    before the multikey task existed) are passkey records."""
+    records = []
+    for b, res in raw.items():
+        rows_all = res["passkey"]
+        for task in dict.fromkeys(r.get("task", "passkey") for r in rows_all):
+            task_rows = [r for r in rows_all if r.get("task", "passkey") == task]
+            for n in sorted({r["length"] for r in task_rows}):
+                rows = [r for r in task_rows if r["length"] == n]
+                acc = sum(r["correct"] for r in rows) / len(rows)
+                records.append(dict(metric=TASK_METRICS[task], task=task, backend=b, context_tokens=n,
+                                    value=acc, unit="fraction", device=device, command=command,
+                                    model="SmolLM2-135M-Instruct", trials=len(rows),
+                                    depths=sorted({r["depth"] for r in rows}),
+                                    errors=sorted({r["error"] for r in rows if r["error"]})))
+    return records
+
+
+def plot_tasks(records: list[dict], path: str, trained: int, title: str) -> None:
+    """PNG with one subplot per task: accuracy vs prompt length (log2), one line per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [r for r in records if r["metric"] in TASK_METRICS.values()]
+    tasks = list(dict.fromkeys(r["task"] for r in acc))
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in acc if r["task"] == task]
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            pts = sorted((r["context_tokens"], r["value"]) for r in rows if r["backend"] == backend)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=backend)
+        ax.axvline(trained, color="gray", ls="--", lw=1)
+        ax.text(trained, 50, f" trained length ({trained // 1024}K)", color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(f"{task} accuracy (%)")
+        ax.set_ylim(-5, 105)
+        ax.set_title(task)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("SMOLLM2"))
     ap.add_argument("--backends", default="INFINITEHIP,FLASH_ATTN")
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--keys", type=int, default=2, help="keys per depth")
+    ap.add_argument("--tasks", default="passkey,multikey", help=f"subset of {','.join(TASKS)}")
     ap.add_argument("--text-tokens", type=int, default=6144)
     ap.add_argument("--text-lengths", default="3000,6144")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
@@ -119,6 +202,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.model:
         ap.error("--model or $SMOLLM2 is required")
+    try:
+        _parse_tasks(args.tasks)
+    except ValueError as e:
+        ap.error(str(e))
     if args.backend:
         return worker(args)
 
@@ -135,7 +222,7 @@ def main(argv=None) -> int:
             env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         child = [sys.executable, __file__, "--backend", b, "--worker-out", out, "--model", args.model,
                  "--lengths", args.lengths, "--keys", str(args.keys), "--text-tokens", str(args.text_tokens),
-                 "--text-lengths", args.text_lengths,
+                 "--text-lengths", args.text_lengths, "--tasks", args.tasks,
                  "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         if args.enforce_eager:
             child.append("--enforce-eager")
@@ -146,15 +233,7 @@ def main(argv=None) -> int:
             raw[b] = json.load(open(out))
         else:
             print(f"{b}: worker failed with exit code {rc}")
-    records = []
-    for b, res in raw.items():
-        for n in sorted({r["length"] for r in res["passkey"]}):
-            rows = [r for r in res["passkey"] if r["length"] == n]
-            acc = sum(r["correct"] for r in rows) / len(rows)
-            records.append(dict(metric="passkey_accuracy", backend=b, context_tokens=n, value=acc,
-                                unit="fraction", device=dev, command=cmd, model="SmolLM2-135M-Instruct",
-                                trials=len(rows), depths=list(DEPTHS),
-                                errors=sorted({r["error"] for r in rows if r["error"]})))
+    records = accuracy_records(raw, device=dev, command=cmd)
     if "FLASH_ATTN" in raw:
         ref = raw["FLASH_ATTN"]["top1"]
         for b, res in raw.items():
@@ -168,10 +247,12 @@ def main(argv=None) -> int:
                                         context_tokens=int(n), value=agree, unit="fraction", device=dev,
                                         command=cmd, positions=len(pairs),
                                         text="python stdlib docstrings (teacher-forced)"))
-    print("\n| backend | " + " | ".join(str(n) for n in args.lengths.split(",")) + " |")
-    for b in raw:
-        row = [f"{r['value']:.0%}" for r in records if r["backend"] == b and r["metric"] == "passkey_accuracy"]
-        print(f"| {b} | " + " | ".join(row) + " |")
+    print("\n| task | backend | " + " | ".join(str(n) for n in args.lengths.split(",")) + " |")
+    for task in _parse_tasks(args.tasks):
+        for b in raw:
+            row = [f"{r['value']:.0%}" for r in records
+                   if r["backend"] == b and r["metric"] == TASK_METRICS[task]]
+            print(f"| {task} | {b} | " + " | ".join(row) + " |")
     for r in records:
         if r["metric"] == "top1_agreement_vs_flash_attn":
             print(f"top-1 agreement {r['backend']} vs FLASH_ATTN at {r['context_tokens']} tokens: {r['value']:.3f}")
@@ -179,10 +260,8 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
     if args.plot and records:
-        from vllm_hip.demo import plot_passkey
-
-        plot_passkey(records, args.plot, trained=8192,
-                     title="SmolLM2-135M-Instruct passkey retrieval through vLLM")
+        plot_tasks(records, args.plot, trained=8192,
+                   title="SmolLM2-135M-Instruct retrieval through vLLM")
     return 0
 
 
