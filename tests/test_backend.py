@@ -307,3 +307,46 @@ def test_streaming_model_types_are_checked():
         check_streaming_rope_support(
             SimpleNamespace(model_type="llama", head_dim=64, rope_theta=1e4,
                             rope_scaling={"rope_type": "yarn", "factor": 4.0}), 64)
+
+
+@pytest.mark.parametrize("cache_tokens", [4096, 160])
+def test_offload_page_cache_gives_the_same_outputs(cache_tokens):
+    """offload: true reads through the GPU page cache (write-through, LRU admission of the
+    decode rows' pages): outputs equal the plain path step by step, also when the cache is
+    smaller than one row's key list and keeps evicting."""
+    from dataclasses import replace
+
+    base = small_sparse_config(refresh=(2, 1))
+    cfg = replace(base, offload=True, offload_gpu_cache_tokens=cache_tokens)
+    hq, hkv, d = 4, 2, 64
+    lens0 = [600, 300]
+    steps = 4
+    layer = FakeLayer(3)
+    outs = {}
+    from vllm_hip.page_cache import shared_counters
+
+    shared_counters(DEV).zero_()  # process-wide: other tests' layers add to it too
+    for name, c in (("plain", base), ("offload", cfg)):
+        batch = PagedBatch([L + steps for L in lens0], hq, hkv, d, torch.float32, seed=11, num_pages=120)
+        impl = make_impl(c, hq, hkv, d)
+        tracker = RowTracker(num_pages=120, max_rows=4, device=torch.device(DEV))
+        for i, L in enumerate(lens0):
+            batch.prefill_context(i, L - 20, layer)
+        md, q, k, v = batch.step(c, [(0, lens0[0] - 20, lens0[0]), (1, lens0[1] - 20, lens0[1])],
+                                 tracker=tracker, step_id=1)
+        got = [run_impl(impl, layer, batch, md, q, k, v)]
+        for t in range(steps):
+            spans = [(i, lens0[i] + t, lens0[i] + t + 1) for i in (0, 1)]
+            md, q, k, v = batch.step(c, spans, tracker=tracker, step_id=2 + t, decode_rows=(0, 1))
+            got.append(run_impl(impl, layer, batch, md, q, k, v))
+        outs[name] = got
+        if name == "offload":
+            pc = impl._page_cache
+            rows, hits, h2d, occupied = pc.counters.tolist()
+            assert 0 < hits < rows and h2d > 0
+            assert occupied <= pc.capacity == cache_tokens // PAGE
+            # Cached pages equal host memory (write-through kept them current).
+            for page, slot in pc.resident_pages().items():
+                assert torch.equal(pc.kv[slot], batch.kv_cache[page])
+    for a, b in zip(outs["plain"], outs["offload"]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

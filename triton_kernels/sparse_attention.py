@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,7 @@ from triton_kernels.sparse_attention_kernels import (
     _sparse_attention_fwd_kernel,
 )
 
-__all__ = ["choose_num_splits", "sparse_attention"]
+__all__ = ["CachedPages", "choose_num_splits", "sparse_attention"]
 
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
@@ -100,6 +101,56 @@ def choose_num_splits(programs: int, max_key_tiles: int, sm_count: int = _DEFAUL
     return max(1, min(want, cap, MAX_SPLITS))
 
 
+class CachedPages(NamedTuple):
+    """A GPU cache of pages in front of the paged KV cache (KV offload, InfiniteHiP §6).
+
+    The kernel reads a page from ``key_cache``/``value_cache`` at slot ``slot_of_page[page]`` when
+    that is >= 0 and from the main cache otherwise, and counts both in ``counters``.
+    """
+
+    slot_of_page: torch.Tensor
+    """int32 [num_pages] on the device: slot of each page in the cache, -1 if not cached."""
+    key_cache: torch.Tensor
+    """[num_slots, page_size, Hkv, D]: same dtype and in-page strides as the main key cache."""
+    value_cache: torch.Tensor
+    """[num_slots, page_size, Hkv, D]: same dtype and in-page strides as the main value cache."""
+    counters: torch.Tensor
+    """int64 [>= 3] on the device, added to: key rows read, of those from the cache, bytes read
+    from the main cache (host memory)."""
+
+
+def _cache_args(
+    cached: CachedPages | None, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> tuple:
+    """(PageSlot, Counters, delta_k, delta_v, stride_ckp, stride_cvp) for the kernel."""
+    if cached is None:
+        return key_cache, key_cache, 0, 0, 0, 0  # unused pointers when CACHED is False
+    num_pages = key_cache.shape[0]
+    ck, cv = cached.key_cache, cached.value_cache
+    for name, c, main in (("key_cache", ck, key_cache), ("value_cache", cv, value_cache)):
+        if c.dim() != 4 or c.shape[1:] != main.shape[1:] or c.stride()[1:] != main.stride()[1:]:
+            raise ValueError(
+                f"page cache {name} must be [slots, {', '.join(map(str, main.shape[1:]))}] with "
+                f"the main cache's in-page strides {main.stride()[1:]}, got "
+                f"{tuple(c.shape)} strides {c.stride()}"
+            )
+        if c.dtype != main.dtype or c.device != main.device:
+            raise ValueError(f"page cache {name} must be {main.dtype} on {main.device}")
+    slots = cached.slot_of_page
+    if slots.dtype != torch.int32 or slots.dim() != 1 or slots.shape[0] < num_pages:
+        raise ValueError(f"slot_of_page must be int32 [>= {num_pages}] (one entry per page)")
+    cnt = cached.counters
+    if cnt.dtype != torch.int64 or cnt.dim() != 1 or cnt.numel() < 3:
+        raise ValueError("page cache counters must be an int64 tensor of >= 3 entries")
+    size = key_cache.element_size()
+    # Element offsets between the two allocations: the kernel adds them to the main pointers.
+    delta_k, rem_k = divmod(ck.data_ptr() - key_cache.data_ptr(), size)
+    delta_v, rem_v = divmod(cv.data_ptr() - value_cache.data_ptr(), size)
+    if rem_k or rem_v:
+        raise ValueError("page cache and main cache must be aligned to the element size")
+    return slots, cnt, delta_k, delta_v, ck.stride(0), cv.stride(0)
+
+
 def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
         got = f"{t.dtype} with {t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -130,6 +181,7 @@ def sparse_attention(
     return_lse: bool = False,
     num_splits: int = 0,
     window_tokens: int | None = None,
+    page_cache: CachedPages | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sink + selected blocks + sliding window attention of every query block.
 
@@ -178,6 +230,9 @@ def sparse_attention(
     window_tokens : int, optional
         Window length of the config; only tightens the key-list bound of the split heuristic
         (without it the bound is ``qblocks.max_seq_len``).
+    page_cache : CachedPages, optional
+        A GPU cache of hot pages: cached pages are read from it, the others from ``key_cache`` /
+        ``value_cache`` (which may live in host memory), and the reads are counted.
 
     Returns
     -------
@@ -303,6 +358,7 @@ def sparse_attention(
         )
     else:
         part_o = part_lse = out  # unused
+    cache_args = _cache_args(page_cache, key_cache, value_cache)
     lse_arg = lse if lse is not None else out  # unused when STORE_LSE is False
     tables = (cos, sin) if rope else (q, q)  # unused when ROPE is False
     cs_strides = (cos.stride(0), sin.stride(0)) if rope else (0, 0)
@@ -328,6 +384,7 @@ def sparse_attention(
         sel_count,
         tables[0],
         tables[1],
+        *cache_args[:4],
         float(sm_scale),
         float(softcap),
         float(k_scale),
@@ -346,6 +403,7 @@ def sparse_attention(
         block_table.stride(0),
         sel_blocks.stride(0),
         *cs_strides,
+        *cache_args[4:],
         PAGE_SIZE=page_size,
         HEAD_DIM=head_dim,
         BLOCK_SIZE_K=block_size_k,
@@ -357,6 +415,7 @@ def sparse_attention(
         SOFTCAP=softcap > 0,
         STORE_LSE=return_lse,
         IEEE=q.dtype == torch.float32 or interpret,
+        CACHED=page_cache is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

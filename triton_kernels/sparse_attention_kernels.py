@@ -48,6 +48,10 @@ def _sparse_attention_fwd_kernel(
     SelCount,
     Cos,
     Sin,
+    PageSlot,
+    Counters,
+    cache_delta_k,
+    cache_delta_v,
     sm_scale,
     softcap,
     k_scale,
@@ -78,6 +82,8 @@ def _sparse_attention_fwd_kernel(
     stride_sel,
     stride_cos,
     stride_sin,
+    stride_ckp,
+    stride_cvp,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -89,6 +95,7 @@ def _sparse_attention_fwd_kernel(
     SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
     IEEE: tl.constexpr,
+    CACHED: tl.constexpr,
 ):
     """Grid ``(NB * n_q_tiles, Hkv * n_h_tiles, num_splits)``; ``SPLIT`` iff ``num_splits > 1``.
 
@@ -96,6 +103,13 @@ def _sparse_attention_fwd_kernel(
     strides);
     ``Lse`` [total_q, Hq] fp32 (natural log); ``PartO`` [total_q, Hq, num_splits, D] and ``PartLse``
     [total_q, Hq, num_splits] fp32 contiguous scratch (base-2 lse), used when ``SPLIT``.
+
+    ``CACHED`` (offload): ``PageSlot`` [num_pages] int32 maps a page to its slot in the GPU page
+    cache (-1: not cached). A cached page is read at ``K + cache_delta_k + slot * stride_ckp``
+    (the cache is another allocation with the same in-page strides; the deltas are element
+    offsets between the two base pointers), any other page where ``K`` says (host memory, over
+    PCIe). The first kv-head tile of each program adds its key rows read to ``Counters`` [0]
+    (all), [1] (from the GPU cache) and the bytes read from the host to [2] (int64, atomics).
     """
     BLOCK_M: tl.constexpr = BLOCK_Q * H_TILE
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -181,6 +195,8 @@ def _sparse_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_rows = tl.zeros([], tl.int64)
+    n_hits = tl.zeros([], tl.int64)
     # One loop over the three parts (not three loops): one software pipeline, and no nested jit
     # calls, which cost the interpreter more than the tile itself.
     for t in range(t0, t1):
@@ -202,8 +218,18 @@ def _sparse_attention_fwd_kernel(
             tl.int64
         )
         slot = (tok % PAGE_SIZE).to(tl.int64)
-        k_row = page * stride_kp + slot * stride_ks + kvh64 * stride_kh
-        v_row = page * stride_vp + slot * stride_vs + kvh64 * stride_vh
+        if CACHED:
+            cslot = tl.load(PageSlot + page, mask=kv_ok, other=-1).to(tl.int64)
+            hit = cslot >= 0
+            k_page = tl.where(hit, cache_delta_k + cslot * stride_ckp, page * stride_kp)
+            v_page = tl.where(hit, cache_delta_v + cslot * stride_cvp, page * stride_vp)
+            n_rows += tl.sum(kv_ok.to(tl.int64))
+            n_hits += tl.sum((kv_ok & hit).to(tl.int64))
+        else:
+            k_page = page * stride_kp
+            v_page = page * stride_vp
+        k_row = k_page + slot * stride_ks + kvh64 * stride_kh
+        v_row = v_page + slot * stride_vs + kvh64 * stride_vh
         k1 = tl.load(K + k_row[:, None] + dh[None, :] * stride_kd, mask=kv_ok[:, None], other=0.0)
         k2 = tl.load(
             K + k_row[:, None] + (dh + HALF)[None, :] * stride_kd, mask=kv_ok[:, None], other=0.0
@@ -255,6 +281,13 @@ def _sparse_attention_fwd_kernel(
             acc = tl.dot(p.to(DT), v, acc * alpha[:, None])
         m_i = m_new
 
+    if CACHED:
+        if h_tile == 0:
+            # Rows x (key + value) x head_dim elements came over PCIe for each miss.
+            row_bytes = 2 * HEAD_DIM * (K.dtype.element_ty.primitive_bitwidth // 8)
+            tl.atomic_add(Counters, n_rows)
+            tl.atomic_add(Counters + 1, n_hits)
+            tl.atomic_add(Counters + 2, (n_rows - n_hits) * row_bytes)
     has = l_i > 0.0
     o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     if not SPLIT:

@@ -33,9 +33,11 @@ from vllm.v1.attention.backend import (
 )
 
 from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
+from triton_kernels.sparse_attention import CachedPages
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.masks import LayerMaskCache, RefreshPlan, RowTracker, plan_refresh, subset_blocks
+from vllm_hip.page_cache import DevicePageCache, key_list_pages, shared_counters
 
 logger = logging.getLogger("vllm_hip")
 
@@ -83,6 +85,8 @@ class InfiniteHipMetadata:
     """Refresh plan per k (filled lazily by the first layer that uses that k)."""
     all_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
+    decode_blocks: torch.Tensor | None = None
+    """Offload: device indices of the query blocks of decode rows (filled by the first layer)."""
 
 
 class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
@@ -338,6 +342,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         self.rope_handed_over = rope_handed_over()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._mask_cache: LayerMaskCache | None = None
+        self._page_cache: DevicePageCache | None = None
         self.layer_idx: int | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -357,6 +362,44 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 self._hf_config, self._max_positions + 1, device=device
             )
         return self._rope
+
+    def _offload_page_cache(self, kv_cache: torch.Tensor) -> DevicePageCache | None:
+        """This layer's GPU cache of hot pages (offload only), made on first use."""
+        if not self.hip_config.offload:
+            return None
+        pc = self._page_cache
+        if pc is None or pc.main.data_ptr() != kv_cache.data_ptr():
+            page_size = int(kv_cache.shape[2])
+            capacity = max(1, self.hip_config.offload_gpu_cache_tokens // page_size)
+            pc = DevicePageCache(kv_cache, capacity, shared_counters(kv_cache.device))
+            hip_stats.get_stats().gpu_cache_capacity_blocks += capacity
+            self._page_cache = pc
+        return pc
+
+    def _admit_decode_pages(
+        self, pc: DevicePageCache, md: InfiniteHipMetadata, sel: torch.Tensor, cnt: torch.Tensor
+    ) -> None:
+        """Bring the pages the decode rows just read into the GPU cache (LRU); prefill reads
+        are one-off and would only flush it."""
+        if md.decode_blocks is None:
+            dec = md.is_decode_row[md.qblocks_cpu.seq.long()]
+            md.decode_blocks = torch.nonzero(dec).flatten().to(sel.device, non_blocking=True)
+        idx = md.decode_blocks
+        if idx.numel() == 0:
+            return
+        cfg = self.hip_config
+        pages = key_list_pages(
+            md.block_table,
+            md.seq_lens,
+            md.qblocks.seq[idx],
+            md.qblocks.window_start[idx],
+            sel[idx],
+            cnt[idx],
+            sink_tokens=cfg.sink_tokens,
+            page_size=pc.page_size,
+            max_window_pages=(cfg.window_tokens + cfg.block_size_q) // pc.page_size + 2,
+        )
+        pc.admit(pages)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -397,6 +440,16 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k_scale = float(getattr(layer, "_k_scale_float", 1.0))
         v_scale = float(getattr(layer, "_v_scale_float", 1.0))
         write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
+        pc = self._offload_page_cache(kv_cache)
+        cached = None
+        if pc is not None:
+            ck, cv = pc.kv.unbind(1)
+            if fp8:
+                ck, cv = ck.view(torch.float8_e4m3fn), cv.view(torch.float8_e4m3fn)
+            # Write-through: cached pages that receive new tokens stay equal to host memory.
+            cache_slots = pc.cache_slot_mapping(md.slot_mapping)
+            write_kv_cache(k, v, ck, cv, cache_slots, self.kv_cache_dtype, layer)
+            cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
 
         layer_idx = self._layer_index(layer)
         sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope)
@@ -422,7 +475,10 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             sin=rope[1] if rope is not None else None,
             num_splits=self.hip_config.decode_splits,
             window_tokens=self.hip_config.window_tokens,
+            page_cache=cached,
         )
+        if pc is not None:
+            self._admit_decode_pages(pc, md, sel, sel_count)
         if result.data_ptr() != out.data_ptr():
             out.copy_(result)
         return output

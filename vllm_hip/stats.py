@@ -126,6 +126,21 @@ class HipStats:
     costs a device synchronization, so it is off by default). Not exported."""
 
     _baseline: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _device_counters: list[tuple[Any, tuple[str, ...]]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    def attach_device_counters(self, counters: Any, names: tuple[str, ...]) -> None:
+        """Add a 1-d tensor whose entry i is added to field ``names[i]`` (a counter or gauge).
+
+        Kernels bump such tensors on the device (atomics); reading them costs one transfer per
+        snapshot instead of one per update. Attaching the same tensor twice is a no-op.
+        """
+        unknown = [n for n in names if n not in COUNTER_FIELDS + GAUGE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown stats fields {unknown}")
+        if not any(c is counters for c, _ in self._device_counters):
+            self._device_counters.append((counters, tuple(names)))
 
     # ------------------------------------------------------------------ hot-path helpers
     def record_mask_lookup(self, hit: bool, n: int = 1) -> None:
@@ -193,6 +208,9 @@ class HipStats:
         out["stage_refreshes"] = [_num(v) for v in self.stage_refreshes]
         for name in GAUGE_FIELDS:
             out[name] = _num(getattr(self, name))
+        for counters, names in self._device_counters:
+            for name, value in zip(names, counters.tolist()):
+                out[name] += value
         return out
 
     def snapshot_and_reset(self) -> dict[str, Any]:
@@ -228,6 +246,9 @@ class HipStats:
                 self.stage_refreshes = []
             elif f.name == "_baseline":
                 self._baseline = {}
+            elif f.name == "_device_counters":
+                for counters, _ in self._device_counters:
+                    counters.zero_()
             else:
                 setattr(self, f.name, type(f.default)())
 

@@ -1,0 +1,239 @@
+"""GPU page cache of KV offloading: copy kernel, device-side LRU, sparse attention reading
+through it, and the backend with ``offload: true`` (Triton interpreter on CPU, compiled on GPU)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from test_sparse_attention import POISON, check_against_reference, make_case  # noqa: E402
+
+from triton_kernels.page_copy import copy_pages, copy_pages_reference  # noqa: E402
+from triton_kernels.sparse_attention import CachedPages, sparse_attention  # noqa: E402
+from vllm_hip.page_cache import DevicePageCache, key_list_pages, new_counters  # noqa: E402
+from vllm_hip.stats import HipStats  # noqa: E402
+
+
+# ------------------------------------------------------------------ copy kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_copy_pages_matches_reference_and_skips_padding(dtype):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(12, 2, 4, 3, 8, generator=g).to(dtype).to(DEV)
+    src_idx = torch.tensor([3, -1, 0, 11, -1], device=DEV)
+    dst_idx = torch.tensor([1, 0, 4, 2, 0], device=DEV)
+    got = torch.zeros(6, 2, 4, 3, 8, dtype=dtype, device=DEV)
+    want = got.clone()
+    copy_pages(src, got, src_idx, dst_idx)
+    copy_pages_reference(src, want, src_idx, dst_idx)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(got[1].float(), src[3].float()) and torch.equal(got[2].float(), src[11].float())
+    assert (got[0].float() == 0).all() and (got[3].float() == 0).all()  # padding wrote nothing
+
+
+def test_copy_pages_strided_source_and_bad_input():
+    big = torch.randn(10, 2, 2, 4, 8, device=DEV)
+    src = big[:, 1]  # pages strided, each contiguous
+    dst = torch.zeros(3, 2, 4, 8, device=DEV)
+    copy_pages(src, dst, torch.tensor([7, 2], device=DEV), torch.tensor([0, 2], device=DEV))
+    assert torch.equal(dst[0], src[7]) and torch.equal(dst[2], src[2])
+    with pytest.raises(ValueError, match="pages differ"):
+        copy_pages(src, torch.zeros(3, 2, 4, 4, device=DEV), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="one length"):
+        copy_pages(src, dst, torch.tensor([0, 1], device=DEV), torch.tensor([0], device=DEV))
+
+
+# ------------------------------------------------------------------ LRU on the device
+class LruModel:
+    """Sequential model: one tick per call; evict smallest tick; pages of the current call are
+    never evicted; a call's misses are taken in ascending page order while slots can be freed."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.tick_of = {}
+        self.tick = 0
+
+    def admit(self, pages):
+        self.tick += 1
+        ps = sorted({p for p in pages if p >= 0})
+        for p in ps:
+            if p in self.tick_of:
+                self.tick_of[p] = self.tick
+        for p in ps:
+            if p in self.tick_of:
+                continue
+            if len(self.tick_of) < self.capacity:
+                self.tick_of[p] = self.tick
+                continue
+            old = [q for q, t in self.tick_of.items() if t < self.tick]
+            if not old:
+                break
+            oldest = min(self.tick_of[q] for q in old)
+            # Ties: any page of the oldest tick may go; the test accepts each of them.
+            self.candidates = {q for q in old if self.tick_of[q] == oldest}
+            victim = min(self.candidates)
+            del self.tick_of[victim]
+            self.tick_of[p] = self.tick
+
+
+def test_device_lru_matches_sequential_model_when_ticks_do_not_tie():
+    # One page per call: no ties, so the resident set is exactly the model's.
+    main = torch.randn(40, 2, 4, 1, 8, device=DEV)
+    pc = DevicePageCache(main, capacity=5)
+    model = LruModel(5)
+    rng = random.Random(0)
+    for _ in range(60):
+        p = rng.randrange(40) if rng.random() < 0.6 else rng.choice([1, 2, 3, 4, 5, 6])
+        pc.admit(torch.tensor([p], device=DEV))
+        model.admit([p])
+        assert set(pc.resident_pages()) == set(model.tick_of)
+    for page, slot in pc.resident_pages().items():
+        assert torch.equal(pc.kv[slot], main[page])
+    # slot_of_page is the inverse of page_of_slot
+    slots = pc.slot_of_page[:40].tolist()
+    assert {p: s for p, s in enumerate(slots) if s >= 0} == pc.resident_pages()
+
+
+def test_device_lru_batches_dedupes_and_never_evicts_the_current_call():
+    main = torch.randn(30, 2, 4, 1, 8, device=DEV)
+    counters = new_counters(DEV)
+    pc = DevicePageCache(main, capacity=4, counters=counters)
+    pc.admit(torch.tensor([3, 1, -1, 3, 2], device=DEV))
+    assert set(pc.resident_pages()) == {1, 2, 3}
+    pc.admit(torch.tensor([9, 3], device=DEV))  # 1 and 2 are the oldest; one empty slot first
+    assert set(pc.resident_pages()) == {1, 2, 3, 9}
+    pc.admit(torch.tensor([20, 21], device=DEV))  # evicts both of the oldest call's survivors
+    assert set(pc.resident_pages()) == {3, 9, 20, 21}
+    pc.admit(torch.tensor([5, 6, 7, 8, 9, 10], device=DEV))  # 6 distinct > capacity 4
+    res = set(pc.resident_pages())
+    assert 9 in res and len(res) == 4 and res <= {5, 6, 7, 8, 9, 10}
+    page_bytes = main[0].numel() * 4
+    assert counters[2].item() == (3 + 1 + 2 + 3) * page_bytes  # pages brought in
+    assert counters[3].item() == 4  # slots that went from empty to full
+    for page, slot in pc.resident_pages().items():
+        assert torch.equal(pc.kv[slot], main[page])
+
+
+def test_cache_slot_mapping_mirrors_only_cached_pages():
+    main = torch.zeros(10, 2, 4, 1, 8, device=DEV)
+    pc = DevicePageCache(main, capacity=2)
+    pc.admit(torch.tensor([7], device=DEV))
+    slot = pc.resident_pages()[7]
+    sm = torch.tensor([-1, 7 * 4 + 3, 2 * 4 + 1], device=DEV)
+    assert pc.cache_slot_mapping(sm).tolist() == [-1, slot * 4 + 3, -1]
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="num_pages, 2, page_size"):
+        DevicePageCache(torch.zeros(4, 4, 1, 8), 2)
+    with pytest.raises(ValueError, match="capacity"):
+        DevicePageCache(torch.zeros(4, 2, 4, 1, 8), 0)
+
+
+# ------------------------------------------------------------------ pages of key lists
+def test_key_list_pages_cover_sink_selection_and_window():
+    page = 8
+    bt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 0, 0, 0, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([61, 30], dtype=torch.int32)
+    block_seq = torch.tensor([0, 1], dtype=torch.int32)
+    w0 = torch.tensor([40, 14], dtype=torch.int32)
+    sel = torch.tensor([[16, 24, 32], [8, -1, -1]], dtype=torch.int32)
+    cnt = torch.tensor([2, 1], dtype=torch.int32)
+    got = key_list_pages(
+        *(t.to(DEV) for t in (bt, seq_lens, block_seq, w0, sel, cnt)),
+        sink_tokens=4, page_size=page, max_window_pages=4,
+    ).view(2, -1).cpu()
+    # row 0: sink page 0 -> 5; selected 16, 24 -> pages 2, 3 -> 7, 8 (32 is beyond count);
+    # window [40, 61) -> pages 5..7 -> 10, 11, 12
+    assert sorted(p for p in got[0].tolist() if p >= 0) == [5, 7, 8, 10, 11, 12]
+    # row 1: sink -> 20; selected 8 -> page 1 -> 21; window [14, 30) -> pages 1..3 -> 21, 22, 23
+    assert sorted(p for p in got[1].tolist() if p >= 0) == [20, 21, 21, 22, 23]
+
+
+# ------------------------------------------------------------------ sparse attention through it
+def _cache_some_pages(case, fraction, seed=0):
+    kv = torch.stack([case.key_cache, case.value_cache], 1)  # [pages, 2, page, Hkv, D]
+    num_pages = kv.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(num_pages, generator=g)[: int(num_pages * fraction)]
+    counters = new_counters(DEV)
+    pc = DevicePageCache(kv, capacity=max(1, len(chosen)), counters=counters)
+    pc.admit(chosen.to(DEV))
+    counters.zero_()
+    return kv, pc, chosen
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sparse_attention_reads_cached_pages_from_the_cache(num_splits):
+    case = make_case(ragged=[(1, 1328), (17, 300), (1, 97)])
+    kv, pc, chosen = _cache_some_pages(case, 0.5)
+    want, _ = sparse_attention(*case.args(), **case.kwargs, return_lse=True, num_splits=num_splits)
+    # Poison the main copy of every cached page: correct output now needs the cache.
+    main = kv.clone()
+    main[chosen.to(DEV)] = POISON
+    poisoned = replace_kv(case, main)
+    out, lse = sparse_attention(
+        *poisoned.args(), **case.kwargs, return_lse=True, num_splits=num_splits,
+        page_cache=CachedPages(pc.slot_of_page, *pc.kv.unbind(1), pc.counters),
+    )
+    check_against_reference(case, out, lse)
+    assert torch.allclose(out.float(), want.float(), atol=1e-2)
+    rows, hits, h2d = pc.counters[:3].tolist()
+    assert 0 < hits < rows
+    assert h2d == (rows - hits) * 2 * 64 * 2  # K + V head rows of 64 bf16 elements per miss
+
+
+def test_sparse_attention_counts_every_key_row_of_a_decode_row():
+    # One decode row, one kv head tile, one split: rows read = |key list| x Hkv.
+    case = make_case(ragged=[(1, 700)], heads=(4, 2), sink=16, window=64, max_sel=12)
+    kv, pc, chosen = _cache_some_pages(case, 1.0)
+    sparse_attention(*case.args(), **case.kwargs, num_splits=1,
+                     page_cache=CachedPages(pc.slot_of_page, *pc.kv.unbind(1), pc.counters))
+    w0 = int(case.qblocks.window_start[0])
+    key_list = 16 + int(case.sel_count[0]) * 8 + (700 - w0)
+    rows, hits, h2d = pc.counters[:3].tolist()
+    assert rows == key_list * 2 and hits == rows and h2d == 0
+
+
+def test_page_cache_argument_checks():
+    case = make_case(ragged=[(1, 200)])
+    kv, pc, _ = _cache_some_pages(case, 0.5)
+    bad = CachedPages(pc.slot_of_page, pc.kv[:, 0, :, :1], pc.kv[:, 1], pc.counters)
+    with pytest.raises(ValueError, match="in-page strides"):
+        sparse_attention(*case.args(), **case.kwargs, page_cache=bad)
+    bad = CachedPages(pc.slot_of_page.long(), *pc.kv.unbind(1), pc.counters)
+    with pytest.raises(ValueError, match="slot_of_page"):
+        sparse_attention(*case.args(), **case.kwargs, page_cache=bad)
+
+
+def replace_kv(case, kv):
+    from dataclasses import replace
+
+    return replace(case, key_cache=kv[:, 0], value_cache=kv[:, 1])
+
+
+# ------------------------------------------------------------------ stats
+def test_device_counters_reach_stats_snapshots():
+    st = HipStats()
+    c = new_counters(DEV)
+    st.attach_device_counters(c, ("attn_cache_queries", "attn_cache_hits", "h2d_bytes",
+                                  "gpu_cache_occupied_blocks"))
+    st.attach_device_counters(c, ("attn_cache_queries",))  # same tensor: ignored
+    st.attn_cache_queries += 5
+    c += torch.tensor([10, 7, 4096, 3], device=DEV)
+    snap = st.snapshot_and_reset()
+    assert (snap["attn_cache_queries"], snap["attn_cache_hits"], snap["h2d_bytes"]) == (15, 7, 4096)
+    assert snap["gpu_cache_occupied_blocks"] == 3
+    c += torch.tensor([1, 1, 0, 0], device=DEV)
+    snap = st.snapshot_and_reset()
+    assert (snap["attn_cache_queries"], snap["attn_cache_hits"]) == (1, 1)
+    st.reset()
+    assert c.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="unknown"):
+        st.attach_device_counters(c, ("nope",))
