@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text-lengths", default="3000,6144")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the backends' engines at the same time (each takes "
+                         "--gpu-memory-utilization of the GPU)")
     ap.add_argument("--additional-config", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
@@ -215,6 +218,7 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/passkey.py " + " ".join(argv if argv is not None else sys.argv[1:])
     raw = {}
     tmp = os.environ.get("OUT", "/tmp")
+    children = []
     for b in args.backends.split(","):
         out = os.path.join(tmp, f"passkey_raw_{b}.json")
         env = dict(os.environ)
@@ -228,7 +232,12 @@ def main(argv=None) -> int:
             child.append("--enforce-eager")
         if args.additional_config and b == "INFINITEHIP":
             child += ["--additional-config", args.additional_config]
-        rc = subprocess.call(child, env=env)
+        proc = subprocess.Popen(child, env=env)
+        if not args.parallel:
+            proc.wait()
+        children.append((b, out, proc))
+    for b, out, proc in children:
+        rc = proc.wait()
         if rc == 0 and os.path.exists(out):
             raw[b] = json.load(open(out))
         else:

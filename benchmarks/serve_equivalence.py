@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_healthy(args.port, proc, args.startup_timeout)
             print(f"{name}: healthy after {time.time() - t0:.0f}s", flush=True)
             results[name], errors[name] = query_all(args.port, prompts, args.max_tokens)
-            if args.metrics_tokens and backend == "INFINITEHIP" and not extra:
+            if args.metrics_tokens and backend == "INFINITEHIP":
                 long_requests_and_metrics(args.port, args.metrics_tokens,
                                           os.path.join(args.log_dir, f"metrics_{name}.txt"))
         finally:

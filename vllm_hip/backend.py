@@ -356,11 +356,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         if self.hip_config.rope_mode != "streaming":
             return None
         if self._rope is None or self._rope[0].device != device:
-            from vllm_hip.rope import rope_tables_from_config
-
-            self._rope = rope_tables_from_config(
-                self._hf_config, self._max_positions + 1, device=device
-            )
+            self._rope = _shared_rope_tables(self._hf_config, self._max_positions + 1, device)
         return self._rope
 
     def _offload_page_cache(self, kv_cache: torch.Tensor) -> DevicePageCache | None:
@@ -617,6 +613,21 @@ def _blocks_to_store(plan: RefreshPlan, idx_cpu: torch.Tensor) -> torch.Tensor:
     if rows.numel() > 1:
         last_of_row[:-1] = rows[1:] != rows[:-1]
     return torch.nonzero(decode | last_of_row).flatten()
+
+
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _shared_rope_tables(hf_config: Any, max_positions: int, device: torch.device):
+    """One pair of cos/sin tables per (RoPE, length, device) for all layers: at a 1M-token
+    max_model_len a pair is 512 MiB (head_dim 128), too much to hold once per layer."""
+    from vllm_hip.rope import rope_spec_from_config, rope_tables
+
+    spec = rope_spec_from_config(hf_config)
+    key = (repr(spec), max_positions, str(device))
+    if key not in _ROPE_TABLES:
+        _ROPE_TABLES[key] = rope_tables(spec, max_positions, device)
+    return _ROPE_TABLES[key]
 
 
 def all_blocks_selection(
