@@ -75,11 +75,34 @@ def worker(args) -> int:
               max_num_seqs=16)
     if args.enforce_eager:
         kw["enforce_eager"] = True
+    if args.kv_cache_memory_bytes:
+        kw["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     if args.additional_config:
         kw["additional_config"] = json.loads(args.additional_config)
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0, max_tokens=12)
-    results = {"backend": args.backend, "passkey": [], "top1": {}}
+    import torch
+
+    results = {"backend": args.backend, "passkey": [], "top1": {},
+               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+    def save() -> None:
+        # Rewritten after every length: a run cut off by its time budget keeps what it finished.
+        tmp = args.worker_out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, args.worker_out)
+
+    # First (cheap, and the within-trained-length check): teacher-forced top-1 next token over ordinary text.
+    ids = tok(english_text(args.text_tokens * 6)).input_ids
+    for n in (int(x) for x in args.text_lengths.split(",")):
+        p = ids[:n]
+        out = llm.generate([{"prompt_token_ids": p}],
+                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+        top1 = [None if lp is None else max(lp.items(), key=lambda kv: kv[1].logprob)[0]
+                for lp in out[0].prompt_logprobs]
+        results["top1"][str(n)] = top1
+    save()
     tasks = _parse_tasks(args.tasks)
     for n in lengths:
         for task in tasks:
@@ -109,17 +132,7 @@ def worker(args) -> int:
             acc = sum(correct(t, p.key) for p, t in zip(prompts, texts)) / len(prompts)
             print(f"[{args.backend}] {n:>7} tokens: {task} {acc:.0%} ({time.time() - t0:.1f}s)"
                   + (f" ERROR {err}" if err else ""), flush=True)
-    # Teacher-forced top-1 next token over ordinary text.
-    ids = tok(english_text(args.text_tokens * 6)).input_ids
-    for n in (int(x) for x in args.text_lengths.split(",")):
-        p = ids[:n]
-        out = llm.generate([{"prompt_token_ids": p}],
-                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-        top1 = [None if lp is None else max(lp.items(), key=lambda kv: kv[1].logprob)[0]
-                for lp in out[0].prompt_logprobs]
-        results["top1"][str(n)] = top1
-    with open(args.worker_out, "w") as f:
-        json.dump(results, f)
+            save()
     return 0
 
 
@@ -134,8 +147,10 @@ def _parse_tasks(text: str) -> list[str]:
 def accuracy_records(raw: dict, *, device: str, command: str) -> list[dict]:
     """Summary records of the workers' raw retrieval results (``{backend: worker results}``):
     per backend, task and length, the fraction correct as metric ``passkey_accuracy`` (task
-    passkey) or ``multikey_accuracy`` (task multikey). Raw records without a ``task`` (written
-    before the multikey task existed) are passkey records."""
+    passkey) or ``multikey_accuracy`` (task multikey). A cell where generation raised (the engine
+    died, say) has no accuracy: it gets a ``server_errors`` record with the errors instead, so a
+    crash never reads as "0% retrieved". Raw records without a ``task`` (written before the
+    multikey task existed) are passkey records."""
     records = []
     for b, res in raw.items():
         rows_all = res["passkey"]
@@ -143,12 +158,16 @@ def accuracy_records(raw: dict, *, device: str, command: str) -> list[dict]:
             task_rows = [r for r in rows_all if r.get("task", "passkey") == task]
             for n in sorted({r["length"] for r in task_rows}):
                 rows = [r for r in task_rows if r["length"] == n]
+                errors = sorted({r["error"] for r in rows if r["error"]})
+                common = dict(task=task, backend=b, context_tokens=n, device=device, command=command,
+                              model="SmolLM2-135M-Instruct", trials=len(rows),
+                              depths=sorted({r["depth"] for r in rows}), errors=errors)
+                if errors:
+                    records.append(dict(metric="server_errors", value=sum(bool(r["error"]) for r in rows),
+                                        unit="count", **common))
+                    continue
                 acc = sum(r["correct"] for r in rows) / len(rows)
-                records.append(dict(metric=TASK_METRICS[task], task=task, backend=b, context_tokens=n,
-                                    value=acc, unit="fraction", device=device, command=command,
-                                    model="SmolLM2-135M-Instruct", trials=len(rows),
-                                    depths=sorted({r["depth"] for r in rows}),
-                                    errors=sorted({r["error"] for r in rows if r["error"]})))
+                records.append(dict(metric=TASK_METRICS[task], value=acc, unit="fraction", **common))
     return records
 
 
@@ -194,15 +213,36 @@ def main(argv=None) -> int:
     ap.add_argument("--text-lengths", default="3000,6144")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=0,
+                    help="fixed KV cache size (skips vLLM's memory profiling, whose free-memory "
+                         "check fails when other processes on the GPU free memory meanwhile)")
     ap.add_argument("--parallel", action="store_true",
                     help="run the backends' engines at the same time (each takes "
                          "--gpu-memory-utilization of the GPU)")
     ap.add_argument("--additional-config", default=None)
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="seconds; then stop the workers and report the lengths they finished "
+                         "(0: no limit)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-raw", default=None, metavar="FILES",
+                    help="comma-separated worker files (passkey_raw_<BACKEND>.json, saved in $OUT by "
+                         "a run): rebuild the records and plot from them, running nothing")
+    ap.add_argument("--device", default=None, help="device name for the records (default: this machine's)")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    cmd = "python benchmarks/passkey.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_raw:
+        raw = {}
+        for path in args.from_raw.split(","):
+            res = json.load(open(path))
+            raw[res["backend"]] = res
+        lengths = sorted({r["length"] for res in raw.values() for r in res["passkey"]})
+        args.lengths = ",".join(map(str, lengths))
+        devices = {res.get("device") for res in raw.values()} - {None}
+        dev = args.device or (devices.pop() if len(devices) == 1 else "unknown")
+        return report(raw, args, dev, cmd)
     if not args.model:
         ap.error("--model or $SMOLLM2 is required")
     try:
@@ -214,8 +254,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    cmd = "python benchmarks/passkey.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    dev = args.device or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
     raw = {}
     tmp = os.environ.get("OUT", "/tmp")
     children = []
@@ -230,18 +269,32 @@ def main(argv=None) -> int:
                  "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         if args.enforce_eager:
             child.append("--enforce-eager")
+        if args.kv_cache_memory_bytes:
+            child += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
         if args.additional_config and b == "INFINITEHIP":
             child += ["--additional-config", args.additional_config]
         proc = subprocess.Popen(child, env=env)
         if not args.parallel:
             proc.wait()
         children.append((b, out, proc))
+    deadline = time.time() + args.time_budget if args.time_budget > 0 else None
     for b, out, proc in children:
-        rc = proc.wait()
-        if rc == 0 and os.path.exists(out):
+        try:
+            rc = proc.wait(None if deadline is None else max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            rc = proc.wait()
+            print(f"{b}: stopped at the time budget ({args.time_budget:.0f}s); reporting the "
+                  "lengths it finished")
+        if os.path.exists(out):
             raw[b] = json.load(open(out))
-        else:
-            print(f"{b}: worker failed with exit code {rc}")
+        if rc != 0:
+            print(f"{b}: worker exit code {rc}")
+    return report(raw, args, dev, cmd)
+
+
+def report(raw: dict, args, dev: str, cmd: str) -> int:
+    """Records, table, JSON and plot from the workers' raw results."""
     records = accuracy_records(raw, device=dev, command=cmd)
     if "FLASH_ATTN" in raw:
         ref = raw["FLASH_ATTN"]["top1"]
@@ -259,8 +312,11 @@ def main(argv=None) -> int:
     print("\n| task | backend | " + " | ".join(str(n) for n in args.lengths.split(",")) + " |")
     for task in _parse_tasks(args.tasks):
         for b in raw:
-            row = [f"{r['value']:.0%}" for r in records
-                   if r["backend"] == b and r["metric"] == TASK_METRICS[task]]
+            got = {r["context_tokens"]: f"{r['value']:.0%}" for r in records
+                   if r["backend"] == b and r["metric"] == TASK_METRICS[task]}
+            got.update({r["context_tokens"]: "error" for r in records
+                        if r["backend"] == b and r["metric"] == "server_errors" and r["task"] == task})
+            row = [got.get(int(n), "not run") for n in args.lengths.split(",")]
             print(f"| {task} | {b} | " + " | ".join(row) + " |")
     for r in records:
         if r["metric"] == "top1_agreement_vs_flash_attn":

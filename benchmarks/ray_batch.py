@@ -98,12 +98,15 @@ def run_mode(mode: str, args, docs_path: str, work: str, max_model_len: int) -> 
     out = os.path.join(work, f"{args.backend.lower()}_{mode}.jsonl")
     stats = os.path.join(work, f"{args.backend.lower()}_{mode}_stats.json")
     log = os.path.join(work, f"{args.backend.lower()}_{mode}.log")
+    engine_kwargs = {"enable_prefix_caching": False}
+    if args.kv_cache_memory_bytes:
+        engine_kwargs["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     cmd = [
         sys.executable, "-m", "vllm_hip.batch", "--input", docs_path, "--output", out,
         "--model", args.model, "--backend", args.backend, "--max-model-len", str(max_model_len),
         "--max-tokens", str(args.max_tokens), "--batch-size", str(args.num_docs),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-        "--engine-kwargs", json.dumps({"enable_prefix_caching": False}),
+        "--engine-kwargs", json.dumps(engine_kwargs),
         "--keep-columns", "code", "--progress-every", "4", "--stats-json", stats,
     ]  # fmt: skip
     if args.infinitehip:
@@ -143,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=None, help="default: longest prompt + max-tokens, rounded up")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=0,
+                    help="fixed KV cache size (skips vLLM's memory profiling; see passkey.py)")
     ap.add_argument("--modes", default="ray,direct")
     ap.add_argument("--timeout", type=float, default=420, help="seconds per run")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the modes at the same time (outputs compared as usual; throughputs "
+                         "then share the GPU)")
     ap.add_argument("--workdir", default=None, help="documents, outputs, logs (default $OUT/ray_batch or a temp dir)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/ray_batch_<gpu>.json)")
     args = ap.parse_args(argv)
@@ -169,13 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     max_model_len = args.max_model_len or -(-(max(lengths) + args.max_tokens) // 1024) * 1024
 
     modes = [m for m in args.modes.split(",") if m]
-    results = {m: run_mode(m, args, docs_path, work, max_model_len) for m in modes}
+    if args.parallel and len(modes) > 1:
+        # Each run is its own engine (own --gpu-memory-utilization share); generate_s and the
+        # throughputs then include contention between the two, wall_s too.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(modes)) as pool:
+            futs = {m: pool.submit(run_mode, m, args, docs_path, work, max_model_len) for m in modes}
+            results = {m: f.result() for m, f in futs.items()}
+    else:
+        results = {m: run_mode(m, args, docs_path, work, max_model_len) for m in modes}
 
     cmd = "python benchmarks/ray_batch.py " + " ".join(argv if argv is not None else sys.argv[1:])
     base = {"backend": args.backend.upper(), "context_tokens": args.doc_tokens, "device": device, "command": cmd,
             "num_docs": args.num_docs, "max_tokens": args.max_tokens, "max_model_len": max_model_len,
             "mean_prompt_tokens": round(sum(lengths) / len(lengths)), "model": os.path.basename(args.model.rstrip("/")),
-            "infinitehip": json.loads(args.infinitehip) if args.infinitehip else {}}  # fmt: skip
+            "infinitehip": json.loads(args.infinitehip) if args.infinitehip else {},
+            "modes_in_parallel": bool(args.parallel)}  # fmt: skip
     records = []
     codes = {r["id"]: r["code"] for r in rows}
     outputs = {}

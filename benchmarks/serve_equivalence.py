@@ -137,6 +137,46 @@ def long_requests_and_metrics(port: int, n_tokens: int, path: str) -> None:
         print("  " + line)
 
 
+def report(results: dict, errors: dict, args, argv, final: bool = False) -> list[dict]:
+    """Compare every run with the first one and write the records (after each server run, so a
+    run cut off later keeps the comparisons already made); ``final`` also prints the table."""
+    if not results:
+        return []
+    names = list(results)
+    ref = results[names[0]]
+    records = []
+    dev = device_name()
+    cmd = "python benchmarks/serve_equivalence.py " + " ".join(argv or sys.argv[1:])
+    for b in names:
+        mism = [k for k in ref if results[b].get(k) != ref[k]]
+        if final:
+            print(f"\n== {b}: {len(mism)} mismatches vs {names[0]}, {errors[b]} errors")
+        for k in mism[:10] if final else ():
+            print(f"  {k}: {ref[k]!r}\n  {' ' * len(k)}  {results[b].get(k)!r}")
+        pairs = [("server_errors", errors[b])]
+        if ref:  # without the reference's outputs there is nothing to compare with
+            pairs.insert(0, ("output_mismatches", len(mism)))
+        for metric, value in pairs:
+            records.append({
+                "metric": metric, "backend": b, "context_tokens": 0, "value": value,
+                "unit": "count", "device": dev, "command": cmd,
+                "num_requests": 2 * len(PROMPTS[: args.num_prompts]), "reference_backend": names[0],
+            })  # fmt: skip
+    if final:
+        print("\nsample outputs:")
+    for k in list(ref)[:6] if final else ():
+        print(f"  {k}: " + " | ".join(f"{b}={results[b].get(k)!r}" for b in names))
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+        if os.environ.get("OUT"):
+            stem = os.path.splitext(os.path.basename(args.out))[0]
+            with open(os.path.join(os.environ["OUT"], f"{stem}_outputs.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("SMOLLM2"), required=os.environ.get("SMOLLM2") is None)
@@ -175,35 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.metrics_tokens and backend == "INFINITEHIP":
                 long_requests_and_metrics(args.port, args.metrics_tokens,
                                           os.path.join(args.log_dir, f"metrics_{name}.txt"))
+        except Exception as e:  # noqa: BLE001 - one failed run must not hide the others
+            print(f"{name}: FAILED: {type(e).__name__}: {e}", flush=True)
+            if name not in results:  # it never answered: every request counts as an error
+                results[name], errors[name] = {}, 2 * len(prompts)
         finally:
             stop(proc)
+        report(results, errors, args, argv)
 
-    names = list(results)
-    ref = results[names[0]]
-    records = []
-    dev = device_name()
-    cmd = "python benchmarks/serve_equivalence.py " + " ".join(argv or sys.argv[1:])
-    for b in names:
-        mism = [k for k in ref if results[b].get(k) != ref[k]]
-        print(f"\n== {b}: {len(mism)} mismatches vs {names[0]}, {errors[b]} errors")
-        for k in mism[:10]:
-            print(f"  {k}: {ref[k]!r}\n  {' ' * len(k)}  {results[b].get(k)!r}")
-        for metric, value in (("output_mismatches", len(mism)), ("server_errors", errors[b])):
-            records.append({
-                "metric": metric, "backend": b, "context_tokens": 0, "value": value,
-                "unit": "count", "device": dev, "command": cmd,
-                "num_requests": len(ref), "reference_backend": names[0],
-            })  # fmt: skip
-    print("\nsample outputs:")
-    for k in list(ref)[:6]:
-        print(f"  {k}: " + " | ".join(f"{b}={results[b].get(k)!r}" for b in names))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "serve_outputs.json"), "w") as f:
-                json.dump(results, f, indent=1)
+    records = report(results, errors, args, argv, final=True)
     return 0 if all(r["value"] == 0 for r in records) else 1
 
 

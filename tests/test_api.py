@@ -99,7 +99,7 @@ def test_torch_select_float64_matches_reference_exactly():
     cfg = _cfg()
     b, t, hq, hkv = 1, 896, 4, 2
     q, k, _ = _qkv(b, t, t, hq, hkv, 64, seed=3)
-    cos, sin = _tables(cfg, t)
+    cos, sin = (x.cpu() for x in _tables(cfg, t))  # both paths run on the CPU, also on a GPU machine
     qb = build_query_blocks(torch.tensor([0, t]), torch.tensor([t]), block_size_q=16,
                             sink_tokens=16, window_tokens=64)
     stages = api._layer_stages(cfg, 0)

@@ -243,6 +243,36 @@ def test_decode_mask_cache_follows_rows_and_refresh_schedule():
     assert any((lens0[i] + t) % 4 == 0 for i in range(2) for t in range(steps))
 
 
+def test_mask_cache_grows_when_a_batch_has_more_rows_than_the_first():
+    """The first batch of an engine often holds one request; a later batch with more rows must
+    not overflow the mask cache (it did on the H100/H200 passkey run: the cache was sized by the
+    first batch), and the rows already cached keep their state."""
+    cfg = small_sparse_config(refresh=(4, 4))
+    hq, hkv, d = 4, 2, 64
+    lens0 = [601, 520, 560]
+    batch = PagedBatch([L + 2 for L in lens0], hq, hkv, d, torch.float32, seed=7, num_pages=240)
+    layer = FakeLayer(4)
+    impl = make_impl(cfg, hq, hkv, d)  # no vLLM config here: sized for one row at first
+    tracker = RowTracker(num_pages=240, max_rows=1, device=torch.device(DEV))
+    for i, L in enumerate(lens0):
+        batch.prefill_context(i, L - 20, layer)
+    # Step 1: only request 0 (its last prefill chunk).
+    md, q, k, v = batch.step(cfg, [(0, lens0[0] - 20, lens0[0])], tracker=tracker, step_id=1)
+    run_impl(impl, layer, batch, md, q, k, v)
+    first_rows = impl._mask_cache.num_rows
+    sel0 = impl._mask_cache.sel[0, : int(impl._mask_cache.sel_count[0])].tolist()
+    # Step 2: request 0 decodes (no stage due at its position), requests 1 and 2 prefill.
+    assert lens0[0] % 4 != 0
+    spans = [(1, lens0[1] - 20, lens0[1]), (0, lens0[0], lens0[0] + 1), (2, lens0[2] - 20, lens0[2])]
+    md, q, k, v = batch.step(cfg, spans, tracker=tracker, step_id=2, decode_rows=(1,))
+    out = run_impl(impl, layer, batch, md, q, k, v)
+    cache = impl._mask_cache
+    assert first_rows < 4 <= cache.num_rows
+    assert md.src_row.tolist()[1] == 0
+    assert cache.sel[1, : int(cache.sel_count[1])].tolist() == sel0  # reused, moved to row 1
+    assert not torch.isnan(out).any()
+
+
 def test_streaming_rope_exact_path_equals_dense_attention_at_true_positions():
     """q/k arrive rotated by the model; the impl stores un-rotated keys and the kernels rotate at
     streaming positions, which equal the true ones while everything is attended."""

@@ -104,6 +104,7 @@ BAD_STAGES = [
     (_stages((256, 2048, 4, 16), (8, 2048, 1, 4)), "infinitehip.stages[0].keep_tokens=2048 is invalid: must be at least the largest k (4096)"),
     ([{"chunk_size": 8}], "infinitehip.stages[0].keep_tokens is missing"),
     ([{"chunk_size": 8, "keep_tokens": 2048, "pool": 2}], "infinitehip.stages[0].pool is not an option; known: chunk_size, keep_tokens, query_pool, refresh_interval"),
+    ([{"": 0}], "infinitehip.stages[0][''] is not an option; known: chunk_size, keep_tokens, query_pool, refresh_interval"),
     ("256,32,8", "infinitehip.stages='256,32,8' is invalid: must be a list of stages ({chunk_size, keep_tokens, query_pool, refresh_interval})"),
     ([], "infinitehip.stages has 0 stages: must have between 1 and 8 when selected_tokens > 0 (the 'streaming' preset has none: give stages or use '3k')"),
 ]

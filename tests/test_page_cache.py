@@ -237,3 +237,11 @@ def test_device_counters_reach_stats_snapshots():
     assert c.tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="unknown"):
         st.attach_device_counters(c, ("nope",))
+
+
+@pytest.mark.gpu
+def test_shared_counters_are_one_tensor_per_gpu_however_it_is_named():
+    # The backend asks with a tensor's device ("cuda:0"), tests and tools often say "cuda".
+    from vllm_hip.page_cache import shared_counters
+
+    assert shared_counters("cuda") is shared_counters(torch.device("cuda", torch.cuda.current_device()))

@@ -182,11 +182,20 @@ def test_processor_stages_and_engine_stage_kwargs(ray_cluster, tmp_path, tiny_mo
     assert kw["additional_config"] == {"infinitehip": HIP_OPTIONS}
     assert kw["max_model_len"] == 65536 and kw["distributed_executor_backend"] == "uni"
     assert stage.map_batches_kwargs["num_gpus"] == 1
+    # vLLM's Ray metric wrappers raise in the engine actor without ray.serve: metrics off then.
+    assert stage.fn_constructor_kwargs["log_engine_metrics"] == batch.ray_engine_metrics_available()
     # Raw prompts skip the chat template; --chat puts it back.
     rows = [{"id": 0, "prompt": "w1 w2 what"}]
     inp = _write_jsonl(tmp_path / "p.jsonl", rows)
     assert "ChatTemplateStage" not in batch.build_processor(_job(tmp_path, tiny_model, input=inp)).stages
     assert "ChatTemplateStage" in batch.build_processor(_job(tmp_path, tiny_model, input=inp, chat=True)).stages
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_engine_metrics_follow_what_ray_can_export(ray_cluster, tmp_path, tiny_model, monkeypatch, available):
+    monkeypatch.setattr(batch, "ray_engine_metrics_available", lambda: available)
+    stage = batch.build_processor(_job(tmp_path, tiny_model)).get_stage_by_name("vLLMEngineStage")
+    assert stage.fn_constructor_kwargs["log_engine_metrics"] is available
 
 
 class FakeEngineUDF(StatefulStageUDF):

@@ -327,6 +327,13 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             if vllm_config is not None and vllm_config.model_config is not None
             else 1 << 17
         )
+        # Rows the decode mask cache is first sized for. Read here: vLLM's current config is
+        # only set while the model is built, not during forward.
+        self._max_rows_hint = (
+            int(vllm_config.scheduler_config.max_num_seqs)
+            if vllm_config is not None and vllm_config.scheduler_config is not None
+            else 1
+        )
         if self.hip_config.rope_mode == "streaming" and self._hf_config is not None:
             check_streaming_rope_support(self._hf_config, head_size)
         if self.hip_config.offload:
@@ -585,15 +592,21 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         return sel, sel_count
 
     def _layer_mask_cache(self, stages: list["_Stage"], md: InfiniteHipMetadata, device) -> LayerMaskCache:
-        if self._mask_cache is None:
+        # One row per batch row, plus a scratch row. A batch never has more rows than
+        # max_num_seqs, but grow anyway rather than trust the hint (the first batch of an
+        # engine is often a single request).
+        rows = int(md.is_decode_row.numel()) + 1
+        cache = self._mask_cache
+        if cache is None:
             widths = [0] + [stages[i - 1].keep_tokens // stages[i].chunk_size for i in range(1, len(stages))]
-            max_rows = max(int(md.is_decode_row.numel()), 1)
-            vc = get_current_vllm_config_or_none()
-            if vc is not None:
-                max_rows = max(max_rows, vc.scheduler_config.max_num_seqs)
             self._mask_cache = LayerMaskCache.allocate(
-                widths, stages[-1].keep_tokens // self.hip_config.block_size_k, max_rows + 1, device
+                widths,
+                stages[-1].keep_tokens // self.hip_config.block_size_k,
+                max(rows, self._max_rows_hint + 1),
+                device,
             )
+        elif cache.num_rows < rows:
+            self._mask_cache = cache.grown(max(rows, 2 * cache.num_rows))
         return self._mask_cache
 
 

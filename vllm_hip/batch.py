@@ -767,6 +767,15 @@ def _preflight(job: BatchJob, gpu_nodes_only: bool = False) -> None:
         logger.info("vllm-hip found on %d Ray node(s)", len(reports))
 
 
+def ray_engine_metrics_available() -> bool:
+    """Whether vLLM can export engine metrics through Ray (its wrappers import ``ray.serve``)."""
+    try:
+        from vllm.v1.metrics import ray_wrappers
+    except ImportError:
+        return False
+    return getattr(ray_wrappers, "ray_metrics", None) is not None
+
+
 def build_processor(job: BatchJob, plan: Plan | None = None):
     """The Ray Data LLM processor of a job (chat template → tokenize → vLLM → detokenize).
 
@@ -783,6 +792,15 @@ def build_processor(job: BatchJob, plan: Plan | None = None):
     extra: dict[str, Any] = {}
     if job.max_concurrent_batches is not None:
         extra["max_concurrent_batches"] = job.max_concurrent_batches
+    if not ray_engine_metrics_available():
+        # Ray Data's default (log_engine_metrics=True) builds vLLM's Ray metric wrappers, which
+        # raise ImportError in the engine actor when ray.serve is not importable: the actor dies
+        # before the first batch (seen on the GPU machine with plain `ray`).
+        logger.warning(
+            "vLLM engine metrics through Ray are off: ray.serve / ray.util.metrics do not import "
+            "here (pip install 'ray[serve]' to export them)"
+        )
+        extra["log_engine_metrics"] = False
     config = vLLMEngineProcessorConfig(
         model_source=job.model,
         engine_kwargs=dict(plan.engine_kwargs),

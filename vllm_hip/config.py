@@ -222,7 +222,8 @@ class InfiniteHipConfig:
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise ConfigError(
-                f"infinitehip.{unknown[0]} is not an option; known options: {', '.join(names)}"
+                f"{_option_path('infinitehip', unknown[0])} is not an option; known options: "
+                f"{', '.join(names)}"
             )
         preset = options.get("preset", "3k")
         _check_choice("preset", preset, tuple(PRESETS))
@@ -399,6 +400,14 @@ class InfiniteHipConfig:
         return self.sink_tokens + self.window_tokens + self.selected_tokens_for_layer(layer)
 
 
+def _option_path(prefix: str, key: Any) -> str:
+    """``prefix.key`` for a plain name; ``prefix[<repr>]`` for an empty or odd key, which would
+    otherwise print as nothing ("infinitehip.stages[0]. is not an option")."""
+    if isinstance(key, str) and key.isidentifier():
+        return f"{prefix}.{key}"
+    return f"{prefix}[{key!r}]"
+
+
 def _parse_stages(raw: Any) -> tuple[PruningStage, ...]:
     if isinstance(raw, tuple) and all(isinstance(s, PruningStage) for s in raw):
         return raw
@@ -421,7 +430,8 @@ def _parse_stages(raw: Any) -> tuple[PruningStage, ...]:
         unknown = sorted(set(s) - set(allowed))
         if unknown:
             raise ConfigError(
-                f"infinitehip.stages[{i}].{unknown[0]} is not an option; known: {', '.join(allowed)}"
+                f"{_option_path(f'infinitehip.stages[{i}]', unknown[0])} is not an option; "
+                f"known: {', '.join(allowed)}"
             )
         for req in ("chunk_size", "keep_tokens"):
             if req not in s:

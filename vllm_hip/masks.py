@@ -129,6 +129,8 @@ class RowTracker:
         src_c = src.clamp(min=0)
         valid = (src >= 0) & (self.row_page[src_c] == prev_page) & (last >= 1)
         src = torch.where(valid, src, torch.full_like(src, -1))
+        if n > self.row_page.shape[0]:  # more rows than the scheduler's max_num_seqs said
+            self.row_page = torch.full((n,), -1, dtype=torch.int64, device=self.row_page.device)
         self.row_page.fill_(-1)
         self.row_page[:n] = cur_page
         self.page_to_row.index_put_(
@@ -171,6 +173,33 @@ class LayerMaskCache:
             sel=torch.full((max_rows, sel_width), -1, dtype=torch.int32, device=device),
             sel_count=torch.zeros(max_rows, dtype=torch.int32, device=device),
             valid=torch.zeros(max_rows, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.sel.shape[0])
+
+    def grown(self, max_rows: int) -> "LayerMaskCache":
+        """A copy with room for ``max_rows`` rows; existing rows keep their state."""
+        n = self.num_rows
+        if max_rows <= n:
+            return self
+
+        def pad(t: torch.Tensor, empty: int) -> torch.Tensor:
+            out = torch.full((max_rows, *t.shape[1:]), empty, dtype=t.dtype, device=t.device)
+            out[:n] = t
+            return out
+
+        inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
+        for entry in self.stage_inputs[1:]:
+            assert entry is not None
+            inputs.append((pad(entry[0], -1), pad(entry[1], 0)))
+        return LayerMaskCache(
+            stage_inputs=inputs,
+            sel=pad(self.sel, -1),
+            sel_count=pad(self.sel_count, 0),
+            step_id=self.step_id,
+            valid=pad(self.valid, 0),
         )
 
     def permute(self, src_row: torch.Tensor, step_id: int) -> None:

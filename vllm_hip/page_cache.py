@@ -59,6 +59,9 @@ def new_counters(device: torch.device | str) -> torch.Tensor:
 def shared_counters(device: torch.device | str) -> torch.Tensor:
     """The process's counters on ``device``, attached to the process-wide stats once."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # "cuda" and "cuda:0" must name one entry (a tensor's .device always has the index).
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _SHARED:
         from vllm_hip import stats
 

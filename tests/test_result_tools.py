@@ -1,0 +1,60 @@
+"""The scripts that turn saved GPU-run artifacts into benchmark records (no GPU, no server)."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import compare_outputs, metrics_records  # noqa: E402
+
+SCRAPE = """\
+# HELP vllm:infinitehip_mask_cache_queries_total Decode query blocks that looked up the mask cache.
+# TYPE vllm:infinitehip_mask_cache_queries_total counter
+vllm:infinitehip_mask_cache_queries_total{engine="0",model_name="m"} 80.0
+vllm:infinitehip_mask_cache_queries_total{engine="1",model_name="m"} 20.0
+vllm:infinitehip_mask_cache_queries_created{engine="0",model_name="m"} 1.7e+09
+# HELP vllm:infinitehip_mask_cache_hits_total Hits.
+# TYPE vllm:infinitehip_mask_cache_hits_total counter
+vllm:infinitehip_mask_cache_hits_total{engine="0",model_name="m"} 60.0
+vllm:infinitehip_mask_cache_hits_total{engine="1",model_name="m"} 15.0
+# HELP vllm:infinitehip_attn_cache_queries_total Rows read.
+# TYPE vllm:infinitehip_attn_cache_queries_total counter
+vllm:infinitehip_attn_cache_queries_total{engine="0",model_name="m"} 0.0
+# HELP vllm:infinitehip_h2d_bytes_total Bytes.
+# TYPE vllm:infinitehip_h2d_bytes_total counter
+vllm:infinitehip_h2d_bytes_total{engine="0",model_name="m"} 4096.0
+# HELP vllm:num_requests_running Running.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+"""
+
+
+def test_metrics_records_divide_summed_counter_pairs():
+    recs = metrics_records.records_from_scrape(SCRAPE, backend="B", device="D", command="c")
+    by = {(r["metric"], r.get("cache")): r for r in recs}
+    mask = by[("cache_hit_rate", "mask")]
+    assert mask["value"] == 0.75 and mask["hits"] == 75 and mask["queries"] == 100  # both engines
+    assert ("cache_hit_rate", "attention") not in by  # never queried: no rate, not 0%
+    assert by[("h2d_bytes", None)]["value"] == 4096
+    for r in recs:
+        assert {"metric", "backend", "context_tokens", "value", "unit", "device", "command"} <= set(r)
+
+
+def test_compare_outputs_counts_every_pair_and_keeps_irreproducible_runs(tmp_path, capsys):
+    a = {"A": {"x": "1", "y": "2"}, "B": {"x": "1", "y": "3"}}
+    b = {"A": {"x": "1", "y": "2"}, "C": {"x": "9"}}
+    c = {"A": {"x": "0", "y": "2"}}  # A again, with different outputs
+    paths = []
+    for i, d in enumerate((a, b, c)):
+        p = tmp_path / f"o{i}.json"
+        p.write_text(json.dumps(d))
+        paths.append(str(p))
+    out = tmp_path / "pairs.json"
+    assert compare_outputs.main([*paths, "--device", "D", "--out", str(out)]) == 0
+    recs = {(r["reference_backend"], r["backend"]): r["value"] for r in json.loads(out.read_text())}
+    assert recs[("A", "B")] == 1
+    assert recs[("A", "C")] == 2  # y missing on one side counts too
+    assert recs[("A", "A#2")] == 1
+    assert len(recs) == 6  # 4 runs, every pair once
+    assert "A#2" in capsys.readouterr().out
