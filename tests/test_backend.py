@@ -273,6 +273,57 @@ def test_mask_cache_grows_when_a_batch_has_more_rows_than_the_first():
     assert not torch.isnan(out).any()
 
 
+def test_mask_cache_follows_requests_through_a_changing_batch():
+    """An engine-like schedule: requests join with their last prefill chunk at different steps,
+    leave and come back (preemption: a new prefill), and the batch order is shuffled every step,
+    with more rows than the first batch had. On every decode step where no stage is due, each
+    request gets back its own last selection, never another request's."""
+    import random
+
+    cfg = small_sparse_config(refresh=(4, 2))
+    hq, hkv, d = 4, 2, 64
+    rng = random.Random(3)
+    lens0 = [601, 523, 555, 577]
+    steps = 8
+    batch = PagedBatch([L + steps for L in lens0], hq, hkv, d, torch.float32, seed=9, num_pages=260)
+    layer = FakeLayer(5)
+    impl = make_impl(cfg, hq, hkv, d)
+    tracker = RowTracker(num_pages=260, max_rows=len(lens0), device=torch.device(DEV))
+    for i, L in enumerate(lens0):
+        batch.prefill_context(i, L - 20, layer)
+    join = {0: 0, 1: 1, 2: 1, 3: 3}  # step at which each request prefills its last chunk
+    away = {2: 4}  # request 2 is preempted at step 4 and re-prefills at step 5
+    done = {i: 0 for i in range(len(lens0))}  # decode tokens generated so far
+    last_sel: dict[int, list[int]] = {}
+    reused = 0
+    for t in range(steps):
+        spans, decode_rows, prefill = [], [], set()
+        live = [i for i in range(len(lens0)) if join[i] <= t and away.get(i) != t]
+        rng.shuffle(live)
+        for row, i in enumerate(live):
+            L = lens0[i] + done[i]
+            if join[i] == t or away.get(i) == t - 1:  # (re-)prefill: the last 20 tokens
+                spans.append((i, L - 20, L))
+                prefill.add(i)
+            else:
+                spans.append((i, L, L + 1))
+                decode_rows.append(row)
+        md, q, k, v = batch.step(cfg, spans, tracker=tracker, step_id=t + 1, decode_rows=tuple(decode_rows))
+        out = run_impl(impl, layer, batch, md, q, k, v)
+        assert not torch.isnan(out).any()
+        cache = impl._mask_cache
+        for row, (i, lo, hi) in enumerate(spans):
+            sel = cache.sel[row, : int(cache.sel_count[row])].tolist()
+            if i not in prefill:
+                pos = lo
+                if pos % 2 and pos % 4 and i in last_sel:  # no stage due: reused
+                    assert sel == last_sel[i], (t, i)
+                    reused += 1
+                done[i] += 1
+            last_sel[i] = sel
+    assert reused >= 3 and cache.num_rows > 2
+
+
 def test_streaming_rope_exact_path_equals_dense_attention_at_true_positions():
     """q/k arrive rotated by the model; the impl stores un-rotated keys and the kernels rotate at
     streaming positions, which equal the true ones while everything is attended."""

@@ -505,7 +505,11 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             empty = torch.full((qb_cpu.num_blocks, 0), -1, dtype=torch.int32, device=q.device)
             return empty, torch.zeros(qb_cpu.num_blocks, dtype=torch.int32, device=q.device)
         if qb_cpu.max_window_start - cfg.sink_tokens <= k_tokens:
-            # Every block between sink and window fits in k: attend everything (exact).
+            # Every block between sink and window fits in k: attend everything (exact). The mask
+            # cache is not permuted on such a step, and need not be: every row of it is exact
+            # for this k, a row that outgrows exact attention later gets a full refresh
+            # (plan_refresh), and requests absent from this step lose their rows anyway
+            # (RowTracker maps only the last step's rows).
             st.record_exact_fallback()
             if md.all_blocks is None:
                 md.all_blocks = all_blocks_selection(qb, qb_cpu, cfg.sink_tokens, cfg.block_size_k)
