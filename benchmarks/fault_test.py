@@ -201,6 +201,11 @@ async def alive(ctx: Ctx) -> tuple[bool, str]:
         return False, f"/health {h}"
     for name, p in ctx.probes.items():
         r = await send(ctx.session, ctx.base, ctx.model, p, stream=False, timeout=ctx.timeout_s)
+        if r.status is None:
+            # No HTTP answer at all: aiohttp may have reused a keep-alive connection that the
+            # server closed after an error response (seen after vLLM's 500 for a JSON list
+            # body). One retry on a new connection tells that from a dead server.
+            r = await send(ctx.session, ctx.base, ctx.model, p, stream=False, timeout=ctx.timeout_s)
         if r.kind != "ok":
             return False, f"{name} probe: {r.describe()}"
         if r.text != ctx.baseline[name]:

@@ -16,8 +16,9 @@ if DEV == "cpu":
 from test_sparse_attention import POISON, check_against_reference, make_case  # noqa: E402
 
 from triton_kernels.page_copy import copy_pages, copy_pages_reference  # noqa: E402
-from triton_kernels.sparse_attention import CachedPages, sparse_attention  # noqa: E402
-from vllm_hip.page_cache import DevicePageCache, key_list_pages, new_counters  # noqa: E402
+from triton_kernels.cached_pages import CachedPages  # noqa: E402
+from triton_kernels.sparse_attention import sparse_attention  # noqa: E402
+from vllm_hip.page_cache import COUNTER_NAMES, DevicePageCache, key_list_pages, new_counters  # noqa: E402
 from vllm_hip.stats import HipStats  # noqa: E402
 
 
@@ -201,6 +202,49 @@ def test_sparse_attention_counts_every_key_row_of_a_decode_row():
     assert rows == key_list * 2 and hits == rows and h2d == 0
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_mask_estimation_reads_cached_pages_from_the_cache(fraction):
+    """Pruning with a page cache: keys of cached pages come from the cache (their main copy is
+    poisoned), the rest from the main cache; every key row read is counted, misses in bytes."""
+    from dataclasses import replace
+
+    import test_prune as tp
+
+    from triton_kernels.prune import select_blocks
+
+    case = tp.make_case(seed=7)
+    kv = torch.stack([case.key_cache, case.key_cache], 1).contiguous()  # [pages, 2, page, Hkv, D]
+    stages = [tp.Stage(64, 256, 2), tp.Stage(8, 64, 1)]
+    kw = tp.stage_kwargs(case, "relative", rope_distance=32)
+    from triton_kernels.prune_reference import select_blocks_reference
+
+    want, want_n, _ = select_blocks(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw)
+    ref, ref_n, _ = select_blocks_reference(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw)
+    assert torch.equal(want_n.cpu(), ref_n.cpu()) and int(want_n.sum()) > 0
+    chosen = torch.randperm(kv.shape[0], generator=torch.Generator().manual_seed(1))
+    chosen = chosen[: int(kv.shape[0] * fraction)].to(DEV)
+    counters = new_counters(DEV)
+    pc = DevicePageCache(kv, capacity=max(1, int(chosen.numel())), counters=counters)
+    pc.admit(chosen)
+    counters.zero_()
+    main = kv.clone()
+    main[chosen] = 300.0  # a poisoned main copy would win every comparison it entered
+    got, got_n, _ = select_blocks(
+        *replace(case, key_cache=main[:, 0]).args(), stages, **kw,
+        page_cache=CachedPages(pc.slot_of_page, *pc.kv.unbind(1), counters),
+    )
+    assert torch.equal(got_n, want_n) and torch.equal(got, want)
+    _, _, h2d, _, rows, hits = counters.tolist()
+    assert rows > 0
+    assert h2d == (rows - hits) * 64 * 2  # one bf16 key head row per miss
+    if fraction == 0.0:
+        assert hits == 0
+    elif fraction == 1.0:
+        assert hits == rows
+    else:
+        assert 0 < hits < rows
+
+
 def test_page_cache_argument_checks():
     case = make_case(ragged=[(1, 200)])
     kv, pc, _ = _cache_some_pages(case, 0.5)
@@ -222,19 +266,19 @@ def replace_kv(case, kv):
 def test_device_counters_reach_stats_snapshots():
     st = HipStats()
     c = new_counters(DEV)
-    st.attach_device_counters(c, ("attn_cache_queries", "attn_cache_hits", "h2d_bytes",
-                                  "gpu_cache_occupied_blocks"))
+    st.attach_device_counters(c, COUNTER_NAMES)
     st.attach_device_counters(c, ("attn_cache_queries",))  # same tensor: ignored
     st.attn_cache_queries += 5
-    c += torch.tensor([10, 7, 4096, 3], device=DEV)
+    c += torch.tensor([10, 7, 4096, 3, 20, 2], device=DEV)
     snap = st.snapshot_and_reset()
     assert (snap["attn_cache_queries"], snap["attn_cache_hits"], snap["h2d_bytes"]) == (15, 7, 4096)
     assert snap["gpu_cache_occupied_blocks"] == 3
-    c += torch.tensor([1, 1, 0, 0], device=DEV)
+    assert (snap["mask_estimation_cache_queries"], snap["mask_estimation_cache_hits"]) == (20, 2)
+    c += torch.tensor([1, 1, 0, 0, 0, 0], device=DEV)
     snap = st.snapshot_and_reset()
     assert (snap["attn_cache_queries"], snap["attn_cache_hits"]) == (1, 1)
     st.reset()
-    assert c.tolist() == [0, 0, 0, 0]
+    assert c.tolist() == [0] * len(COUNTER_NAMES)
     with pytest.raises(ValueError, match="unknown"):
         st.attach_device_counters(c, ("nope",))
 

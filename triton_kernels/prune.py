@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 import triton
 
+from .cached_pages import CachedPages, cache_offsets, check_slot_table
 from .prune_kernels import (
     _keep_top_kernel,
     _pool_queries_kernel,
@@ -138,7 +139,7 @@ def _check_inputs(q, key_cache, block_table, seq_lens, qblocks, mask_rope, cos, 
 
 def _head_scores(
     q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count, *, chunk_size,
-    query_pool, sink_tokens, k_scale, mask_rope, cos, sin, rope_distance,
+    query_pool, sink_tokens, k_scale, mask_rope, cos, sin, rope_distance, page_cache=None,
 ):
     """Per-kv-head chunk scores [NB, Hkv, C] (pool + score kernels), or None when C or NB is 0.
 
@@ -188,6 +189,12 @@ def _head_scores(
     cs_t = dummy if first else cand_starts
     cc_t = dummy if first else cand_count
     stride_cs = 0 if first else cand_starts.stride(0)
+    if page_cache is not None:
+        check_slot_table(page_cache, key_cache.shape[0])
+        delta_k, stride_ck = cache_offsets("key_cache", page_cache.key_cache, key_cache)
+        cache_t = (page_cache.slot_of_page, page_cache.counters, delta_k, stride_ck)
+    else:
+        cache_t = (dummy, dummy, 0, 0)
 
     _pool_queries_kernel[(rows_pad // block_r, num_kv_heads, nb)](
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -207,13 +214,14 @@ def _head_scores(
         qblocks.seq, qblocks.q_len, qblocks.window_start,
         cs_t, stride_cs, cc_t,
         cos_t, sin_t, stride_cos,
+        *cache_t,
         scores, num_cand, num_kv_heads, group, sink_tokens, chunk_size, float(k_scale),
         PAGE_SIZE=page_size, HALF_D=head_dim // 2, POOL=query_pool,
         BLOCK_C=block_c, BLOCK_R=block_r, N_ITERS=_num_iters(chunk_size),
         FIRST_STAGE=first, ROPE_K=mask_rope == "chunk_indexed",
         ROUND_K=key_cache.dtype.itemsize > q.dtype.itemsize, USE_DOT=cfg["use_dot"],
         IEEE=q.dtype == torch.float32 or not q.is_cuda, ONE_ROW_TILE=rows_pad == block_r,
-        NPG=npg,
+        NPG=npg, CACHED=page_cache is not None,
         num_warps=cfg["num_warps"],
     )
     return scores, num_cand, cand_starts
@@ -248,6 +256,7 @@ def score_chunks(
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
     score_norm: str = "none",
+    page_cache: CachedPages | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every candidate chunk of every query block (inspection and tests; :func:`run_stage`
     fuses the head max and the top-k instead).
@@ -267,7 +276,7 @@ def score_chunks(
     head_scores, num_cand, cand_starts = _head_scores(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
-        mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
+        mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, page_cache=page_cache,
     )
     starts, n_cand = _stage_starts_counts(
         qblocks, cand_starts, cand_count, num_cand, chunk_size, sink_tokens
@@ -335,6 +344,7 @@ def run_stage(
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
     score_norm: str = "none",
+    page_cache: CachedPages | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one pruning stage: score candidate chunks, keep the top ``keep_chunks``.
 
@@ -372,6 +382,11 @@ def run_stage(
         fp32 [max_positions, D/2].
     rope_distance : int
         Query position in ``"relative"`` mode.
+    score_norm : {"none", "head_max"}
+        How per-kv-head scores combine (:func:`normalize_head_scores`).
+    page_cache : CachedPages, optional
+        KV offload: read keys of cached pages from this GPU cache, the others from
+        ``key_cache`` (host memory), counting both (``triton_kernels.cached_pages``).
 
     Returns
     -------
@@ -389,7 +404,7 @@ def run_stage(
     head_scores, num_cand, cand_starts = _head_scores(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
-        mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
+        mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, page_cache=page_cache,
     )
     if head_scores is None or keep_chunks == 0:
         return (
@@ -480,13 +495,14 @@ def select_blocks(
     score_norm: str = "none",
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
+    page_cache: CachedPages | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run pruning stages ``first_stage ..`` and return the selected key blocks.
 
     Parameters
     ----------
     q, key_cache, block_table, seq_lens, qblocks, sink_tokens, k_scale, mask_rope, cos, sin,
-    rope_distance :
+    rope_distance, score_norm, page_cache :
         As in :func:`run_stage`.
     stages : sequence
         Objects with ``chunk_size``, ``keep_tokens`` and ``query_pool`` (coarse to fine); the last
@@ -537,7 +553,7 @@ def select_blocks(
             chunk_size=st.chunk_size, keep_chunks=st.keep_tokens // st.chunk_size,
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
             mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
-            score_norm=score_norm,
+            score_norm=score_norm, page_cache=page_cache,
         )
         if i + 1 < len(stages):
             inp = split_chunks(

@@ -117,13 +117,28 @@ def _pool_queries_kernel(
 
 
 @triton.jit
+def _page_offset(page, valid, stride_kp, PageSlot, cache_delta_k, stride_ckp, CACHED: tl.constexpr):
+    """Element offset from ``K`` of each token's page [BLOCK_C] (int64), and whether it is a
+    hit in the GPU page cache (CACHED: ``PageSlot[page] >= 0``, read at ``cache_delta_k +
+    slot * stride_ckp``; otherwise the main cache, which may be host memory)."""
+    page = page.to(tl.int64)
+    if CACHED:
+        cslot = tl.load(PageSlot + page, mask=valid, other=-1).to(tl.int64)
+        hit = cslot >= 0
+        off = tl.where(hit, cache_delta_k + cslot * stride_ckp, page * stride_kp)
+    else:
+        hit = valid  # unused without CACHED
+        off = page * stride_kp
+    return off, hit
+
+
+@triton.jit
 def _load_key_halves(
     K,
-    stride_kp,
+    page_off,
     stride_ks,
     stride_kd,
     head_off,
-    page,
     tok,
     valid,
     ck,
@@ -134,11 +149,10 @@ def _load_key_halves(
     ROPE_K: tl.constexpr,
     ROUND_K: tl.constexpr,
 ):
-    """Gather the keys of tokens ``tok`` [BLOCK_C] (in physical pages ``page``) as two
-    [BLOCK_C, HALF_D] halves in DOT_DTYPE."""
-    page = page.to(tl.int64)
+    """Gather the keys of tokens ``tok`` [BLOCK_C] (pages at element offsets ``page_off``) as
+    two [BLOCK_C, HALF_D] halves in DOT_DTYPE."""
     slot = (tok % PAGE_SIZE).to(tl.int64)
-    base = K + page * stride_kp + slot * stride_ks + head_off
+    base = K + page_off + slot * stride_ks + head_off
     d = tl.arange(0, HALF_D)
     k1 = tl.load(base[:, None] + d[None, :] * stride_kd, mask=valid[:, None], other=0.0)
     k2 = tl.load(base[:, None] + (d[None, :] + HALF_D) * stride_kd, mask=valid[:, None], other=0.0)
@@ -224,6 +238,10 @@ def _score_chunks_kernel(
     Cos,
     Sin,
     stride_cos,
+    PageSlot,
+    Counters,
+    cache_delta_k,
+    stride_ckp,
     Scores,
     num_cand,
     num_kv_heads,
@@ -244,6 +262,7 @@ def _score_chunks_kernel(
     IEEE: tl.constexpr,
     ONE_ROW_TILE: tl.constexpr,
     NPG: tl.constexpr,
+    CACHED: tl.constexpr,
 ):
     """Binary-search score of BLOCK_C candidate chunks of one query block for one kv head.
 
@@ -254,6 +273,9 @@ def _score_chunks_kernel(
     NPG > 0: the block-table entries of each chunk's NPG pages are loaded once up front, taking
     a dependent load out of every halving step (a benchmark option: measured ~25% slower on an
     H100 than reloading the L2-resident entries).
+    CACHED (offload): keys are read through the GPU page cache (``PageSlot``, see
+    ``triton_kernels.cached_pages``); each program adds the key rows it read, those that hit,
+    and the bytes of the misses to ``Counters`` [4], [5] and [2] (int64 atomics).
     """
     pid_c = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -308,6 +330,8 @@ def _score_chunks_kernel(
         row_ok = r < n_rows
 
     best = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+    n_read = tl.zeros([], tl.int64)  # key rows read (offload counters; n_rows is the queries')
+    n_hit = tl.zeros([], tl.int64)
     for _ in range(N_ITERS):
         length = hi - lo
         half = (length + 1) // 2
@@ -318,12 +342,17 @@ def _score_chunks_kernel(
         valid_r = valid & has_r
         page_l = _page_of(bt_row, tbl, p0, tok_l, valid, PAGE_SIZE, NPG)
         page_r = _page_of(bt_row, tbl, p0, tok_r, valid_r, PAGE_SIZE, NPG)
+        off_l, hit_l = _page_offset(page_l, valid, stride_kp, PageSlot, cache_delta_k, stride_ckp, CACHED)
+        off_r, hit_r = _page_offset(page_r, valid_r, stride_kp, PageSlot, cache_delta_k, stride_ckp, CACHED)
+        if CACHED:
+            n_read += tl.sum(valid.to(tl.int64)) + tl.sum(valid_r.to(tl.int64))
+            n_hit += tl.sum((valid & hit_l).to(tl.int64)) + tl.sum((valid_r & hit_r).to(tl.int64))
         kl1, kl2 = _load_key_halves(
-            K, stride_kp, stride_ks, stride_kd, head_off, page_l, tok_l, valid, ck, sk,
+            K, off_l, stride_ks, stride_kd, head_off, tok_l, valid, ck, sk,
             Qp.dtype.element_ty, PAGE_SIZE, HALF_D, ROPE_K, ROUND_K,
         )
         kr1, kr2 = _load_key_halves(
-            K, stride_kp, stride_ks, stride_kd, head_off, page_r, tok_r, valid_r, ck, sk,
+            K, off_r, stride_ks, stride_kd, head_off, tok_r, valid_r, ck, sk,
             Qp.dtype.element_ty, PAGE_SIZE, HALF_D, ROPE_K, ROUND_K,
         )
         if ONE_ROW_TILE:
@@ -347,6 +376,12 @@ def _score_chunks_kernel(
         lo = tl.where(go_r, mid, lo)
         hi = tl.where(go_r, hi, mid)
 
+    if CACHED:
+        # Each miss brought one key head row (2 * HALF_D elements) over PCIe.
+        row_bytes = 2 * HALF_D * (K.dtype.element_ty.primitive_bitwidth // 8)
+        tl.atomic_add(Counters + 4, n_read)
+        tl.atomic_add(Counters + 5, n_hit)
+        tl.atomic_add(Counters + 2, (n_read - n_hit) * row_bytes)
     best = tl.where(valid, best, float("-inf"))
     out = Scores + (b.to(tl.int64) * num_kv_heads + kvh) * num_cand + j
     tl.store(out, best.to(Scores.dtype.element_ty), mask=j < num_cand)

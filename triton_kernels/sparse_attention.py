@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 
+from triton_kernels.cached_pages import CachedPages, cache_offsets, check_slot_table
 from triton_kernels.query_blocks import QueryBlocks
 from triton_kernels.sparse_attention_kernels import (
     _combine_splits_kernel,
@@ -101,54 +101,16 @@ def choose_num_splits(programs: int, max_key_tiles: int, sm_count: int = _DEFAUL
     return max(1, min(want, cap, MAX_SPLITS))
 
 
-class CachedPages(NamedTuple):
-    """A GPU cache of pages in front of the paged KV cache (KV offload, InfiniteHiP §6).
-
-    The kernel reads a page from ``key_cache``/``value_cache`` at slot ``slot_of_page[page]`` when
-    that is >= 0 and from the main cache otherwise, and counts both in ``counters``.
-    """
-
-    slot_of_page: torch.Tensor
-    """int32 [num_pages] on the device: slot of each page in the cache, -1 if not cached."""
-    key_cache: torch.Tensor
-    """[num_slots, page_size, Hkv, D]: same dtype and in-page strides as the main key cache."""
-    value_cache: torch.Tensor
-    """[num_slots, page_size, Hkv, D]: same dtype and in-page strides as the main value cache."""
-    counters: torch.Tensor
-    """int64 [>= 3] on the device, added to: key rows read, of those from the cache, bytes read
-    from the main cache (host memory)."""
-
-
 def _cache_args(
     cached: CachedPages | None, key_cache: torch.Tensor, value_cache: torch.Tensor
 ) -> tuple:
     """(PageSlot, Counters, delta_k, delta_v, stride_ckp, stride_cvp) for the kernel."""
     if cached is None:
         return key_cache, key_cache, 0, 0, 0, 0  # unused pointers when CACHED is False
-    num_pages = key_cache.shape[0]
-    ck, cv = cached.key_cache, cached.value_cache
-    for name, c, main in (("key_cache", ck, key_cache), ("value_cache", cv, value_cache)):
-        if c.dim() != 4 or c.shape[1:] != main.shape[1:] or c.stride()[1:] != main.stride()[1:]:
-            raise ValueError(
-                f"page cache {name} must be [slots, {', '.join(map(str, main.shape[1:]))}] with "
-                f"the main cache's in-page strides {main.stride()[1:]}, got "
-                f"{tuple(c.shape)} strides {c.stride()}"
-            )
-        if c.dtype != main.dtype or c.device != main.device:
-            raise ValueError(f"page cache {name} must be {main.dtype} on {main.device}")
-    slots = cached.slot_of_page
-    if slots.dtype != torch.int32 or slots.dim() != 1 or slots.shape[0] < num_pages:
-        raise ValueError(f"slot_of_page must be int32 [>= {num_pages}] (one entry per page)")
-    cnt = cached.counters
-    if cnt.dtype != torch.int64 or cnt.dim() != 1 or cnt.numel() < 3:
-        raise ValueError("page cache counters must be an int64 tensor of >= 3 entries")
-    size = key_cache.element_size()
-    # Element offsets between the two allocations: the kernel adds them to the main pointers.
-    delta_k, rem_k = divmod(ck.data_ptr() - key_cache.data_ptr(), size)
-    delta_v, rem_v = divmod(cv.data_ptr() - value_cache.data_ptr(), size)
-    if rem_k or rem_v:
-        raise ValueError("page cache and main cache must be aligned to the element size")
-    return slots, cnt, delta_k, delta_v, ck.stride(0), cv.stride(0)
+    check_slot_table(cached, key_cache.shape[0])
+    delta_k, stride_ck = cache_offsets("key_cache", cached.key_cache, key_cache)
+    delta_v, stride_cv = cache_offsets("value_cache", cached.value_cache, value_cache)
+    return cached.slot_of_page, cached.counters, delta_k, delta_v, stride_ck, stride_cv
 
 
 def _check_int_tensor(name: str, t: torch.Tensor, dims: int, device: torch.device) -> None:

@@ -33,7 +33,7 @@ from vllm.v1.attention.backend import (
 )
 
 from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
-from triton_kernels.sparse_attention import CachedPages
+from triton_kernels.cached_pages import CachedPages
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.masks import LayerMaskCache, RefreshPlan, RowTracker, plan_refresh, subset_blocks
@@ -455,7 +455,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
 
         layer_idx = self._layer_index(layer)
-        sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope)
+        sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached)
         from triton_kernels import sparse_attention as sa
 
         out = output[:n].view(n, self.num_heads, self.head_size)
@@ -495,6 +495,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         md: InfiniteHipMetadata,
         k_scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        page_cache: CachedPages | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.hip_config
         k_tokens = cfg.selected_tokens_for_layer(layer_idx)
@@ -532,6 +533,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             sin=rope[1] if rope is not None else None,
             rope_distance=cfg.window_tokens,
             score_norm=cfg.score_norm,
+            page_cache=page_cache,  # offload: mask estimation reads hot pages from the GPU
         )
         plan = md.plans.get(k_tokens)
         if plan is None:

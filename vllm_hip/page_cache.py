@@ -13,9 +13,9 @@ Per step and layer:
 1. new keys/values are written to host memory and, for pages that are cached, to their slot
    too (:meth:`DevicePageCache.cache_slot_mapping`: write-through, so a cached page is never
    stale, also when vLLM hands a freed page to another request);
-2. sparse attention reads every page of its key lists through ``slot_of_page``: from the GPU on
-   a hit, from host memory on a miss, and counts both (:class:`~triton_kernels.sparse_attention.
-   CachedPages`);
+2. sparse attention (keys and values) and mask estimation (keys) read every page through
+   ``slot_of_page``: from the GPU on a hit, from host memory on a miss, and count both
+   (:class:`~triton_kernels.cached_pages.CachedPages`);
 3. :meth:`DevicePageCache.admit` takes the pages the decode rows just read, marks the cached
    ones used, and brings the others in, evicting the least recently used slots.
 
@@ -31,20 +31,24 @@ from __future__ import annotations
 
 import torch
 
+from triton_kernels.cached_pages import COUNTER_SLOTS, CachedPages
 from triton_kernels.page_copy import copy_pages
-from triton_kernels.sparse_attention import CachedPages
 
 __all__ = ["COUNTER_NAMES", "DevicePageCache", "key_list_pages", "new_counters", "shared_counters"]
 
-#: Entries of the counters tensor, named as the :class:`vllm_hip.stats.HipStats` fields they feed:
-#: key rows (token x kv head) sparse attention read, of those from the GPU cache, bytes moved
-#: host -> GPU (missed reads and cache fills), cache slots holding a page.
+#: Entries of the counters tensor (their order is the kernels', ``COUNTER_SLOTS``), named as the
+#: :class:`vllm_hip.stats.HipStats` fields they feed: key rows (token x kv head) sparse attention
+#: read, of those from the GPU cache, bytes moved host -> GPU (missed reads and cache fills), cache
+#: slots holding a page, key rows mask estimation read, of those from the GPU cache.
 COUNTER_NAMES = (
     "attn_cache_queries",
     "attn_cache_hits",
     "h2d_bytes",
     "gpu_cache_occupied_blocks",
+    "mask_estimation_cache_queries",
+    "mask_estimation_cache_hits",
 )
+assert len(COUNTER_NAMES) == len(COUNTER_SLOTS)
 
 _SHARED: dict[torch.device, torch.Tensor] = {}
 
@@ -81,7 +85,7 @@ class DevicePageCache:
     capacity : int
         Pages the GPU cache holds (>= 1).
     counters : torch.Tensor, optional
-        int64 [4] (:func:`new_counters`) this cache adds to; a private one by default.
+        int64 [6] (:func:`new_counters`) this cache adds to; a private one by default.
     """
 
     def __init__(self, main: torch.Tensor, capacity: int, counters: torch.Tensor | None = None):
@@ -107,7 +111,7 @@ class DevicePageCache:
         self._scratch = torch.tensor([capacity], dtype=torch.int64, device=dev)
         key, value = self.kv.unbind(1)
         self.view = CachedPages(self.slot_of_page, key, value, self.counters)
-        """What :func:`~triton_kernels.sparse_attention.sparse_attention` takes as ``page_cache``."""
+        """What the kernels take as ``page_cache`` (sparse attention and mask estimation)."""
 
     @property
     def nbytes(self) -> int:
@@ -171,8 +175,8 @@ class DevicePageCache:
         self.last_use[cap] = _NEVER
         copy_pages(self.main, self.kv, torch.where(take, p_safe, -1), victim)
         n_take = take.sum()
-        self.counters[2] += n_take * self.page_bytes
-        self.counters[3] += newly_filled.sum()
+        self.counters[COUNTER_SLOTS["h2d_bytes"]] += n_take * self.page_bytes
+        self.counters[COUNTER_SLOTS["occupied"]] += newly_filled.sum()
 
     # ------------------------------------------------------------------ inspection (tests)
     def resident_pages(self) -> dict[int, int]:
