@@ -1,4 +1,4 @@
-"""Host-resident KV cache for INFINITEHIP with ``offload: true`` (first step of KV offloading).
+"""Host-resident KV cache for INFINITEHIP with ``offload: true``.
 
 vLLM sizes its KV cache from ``--kv-cache-memory-bytes`` and allocates it as raw int8 buffers on
 the GPU. With offload on, those buffers are carved instead from one pinned, GPU-mapped host
@@ -6,8 +6,9 @@ allocation and handed to vLLM as CUDA tensors aliasing host memory (UVA): the ca
 larger than the GPU, vLLM's scheduler, prefix caching and preemption see ordinary blocks, and the
 Triton kernels read pages over PCIe through the same pointers (zero-copy).
 
-Not yet here: the per-layer GPU cache of hot pages (``vllm_hip.offload.GpuBlockCache``) in front of
-those reads. Until the kernels read through its page table, every page read crosses PCIe.
+In front of those reads each attention layer keeps a GPU cache of hot pages
+(``vllm_hip.page_cache.DevicePageCache``, made by the backend on first use): the kernels read a
+cached page from the GPU and only the others over PCIe.
 """
 
 from __future__ import annotations
