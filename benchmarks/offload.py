@@ -135,7 +135,9 @@ def worker(args) -> int:
         if base is not None:
             end = st.totals()
             d = {k: end[k] - base[k] for k in ("attn_cache_queries", "attn_cache_hits",
-                                               "mask_cache_queries", "mask_cache_hits", "h2d_bytes")}
+                                               "mask_cache_queries", "mask_cache_hits",
+                                               "mask_estimation_cache_queries",
+                                               "mask_estimation_cache_hits", "h2d_bytes")}
             rec.update(d)
             rec["gpu_cache_capacity_blocks"] = end["gpu_cache_capacity_blocks"]
         rec["dense_kv_bytes"] = n * per_tok
@@ -184,6 +186,10 @@ def records_from(backend: str, lines: list[dict], device: str, command: str, sha
         if r.get("attn_cache_queries"):
             rec("cache_hit_rate", n, r["attn_cache_hits"] / r["attn_cache_queries"], "fraction",
                 cache="attention (GPU page cache, key rows)", queries=r["attn_cache_queries"])
+        if r.get("mask_estimation_cache_queries"):
+            rec("cache_hit_rate", n, r["mask_estimation_cache_hits"] / r["mask_estimation_cache_queries"],
+                "fraction", cache="mask estimation (GPU page cache, key rows pruning read)",
+                queries=r["mask_estimation_cache_queries"])
         if r.get("mask_cache_queries"):
             rec("cache_hit_rate", n, r["mask_cache_hits"] / r["mask_cache_queries"], "fraction",
                 cache="mask (decode selection reuse)", queries=r["mask_cache_queries"])
@@ -217,6 +223,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -291,17 +298,18 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)
     _add_ratios(records)
-    print("\n| backend | context | prefill s | decode tok/s | attn hit | mask hit | KV on GPU |")
+    print("\n| backend | context | prefill s | decode tok/s | cache hit rates | KV on GPU |")
     for r in records:
         if r["metric"] == "decode_tokens_per_s":
             n, b = r["context_tokens"], r["backend"]
             get = {x["metric"] + x.get("cache", ""): x for x in records
                    if x["backend"] == b and x["context_tokens"] == n}
             pre = get.get("prefill_s", {}).get("value", float("nan"))
-            hit = [x["value"] for k, x in get.items() if k.startswith("cache_hit_rate")]
+            hit = [f"{x['cache'].split(' (')[0]} {x['value']:.1%}" for k, x in get.items()
+                   if k.startswith("cache_hit_rate")]
             kvg = get.get("kv_gpu_bytes", {}).get("fraction_of_dense")
-            print(f"| {b} | {n} | {pre:.1f} | {r['value']:.1f} | "
-                  + " | ".join(f"{h:.1%}" for h in hit) + (f" | {kvg:.1%} of dense" if kvg else "") + " |")
+            print(f"| {b} | {n} | {pre:.1f} | {r['value']:.1f} | {', '.join(hit) or '-'} | "
+                  + (f"{kvg:.1%} of dense" if kvg else "-") + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)

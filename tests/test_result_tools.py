@@ -58,3 +58,32 @@ def test_compare_outputs_counts_every_pair_and_keeps_irreproducible_runs(tmp_pat
     assert recs[("A", "A#2")] == 1
     assert len(recs) == 6  # 4 runs, every pair once
     assert "A#2" in capsys.readouterr().out
+
+
+def test_offload_records_rates_ratios_and_plot(tmp_path):
+    from benchmarks import offload
+
+    hip = [
+        dict(context=131072, prefill_s=40.0, decode_tokens_per_s=30.0, decode_tokens=48,
+             attn_cache_queries=1000, attn_cache_hits=990, mask_cache_queries=100, mask_cache_hits=75,
+             mask_estimation_cache_queries=400, mask_estimation_cache_hits=100,
+             kv_gpu_bytes=1 << 30, dense_kv_bytes=8 << 30),
+        dict(context=1048576, error="not reached (worker exit: timeout)"),
+    ]
+    fa = [dict(context=131072, prefill_s=20.0, decode_tokens_per_s=20.0, decode_tokens=48,
+               dense_kv_bytes=8 << 30)]
+    recs = offload.records_from("INFINITEHIP", hip, "D", "c", "llama-3.1-8b")
+    recs += offload.records_from("FLASH_ATTN", fa, "D", "c", "llama-3.1-8b")
+    offload._add_ratios(recs)
+    by = {(r["backend"], r["metric"], r.get("cache", "")[:4], r["context_tokens"]): r for r in recs}
+    assert by[("INFINITEHIP", "cache_hit_rate", "atte", 131072)]["value"] == 0.99
+    assert by[("INFINITEHIP", "cache_hit_rate", "mask", 131072)]["value"] in (0.75, 0.25)
+    rates = sorted(r["value"] for r in recs if r["metric"] == "cache_hit_rate")
+    assert rates == [0.25, 0.75, 0.99]
+    assert by[("INFINITEHIP", "kv_gpu_bytes", "", 131072)]["fraction_of_dense"] == 0.125
+    assert by[("INFINITEHIP", "decode_tokens_per_s", "", 131072)]["ratio_vs_flash_attn"] == 1.5
+    assert by[("INFINITEHIP", "served", "", 1048576)]["value"] == 0  # a failure is not a number
+    assert by[("INFINITEHIP", "max_context_tokens", "", 131072)]["value"] == 131072
+    png = tmp_path / "o.png"
+    offload.plot(recs, str(png), "t")
+    assert png.read_bytes()[:4] == b"\x89PNG"
