@@ -377,6 +377,35 @@ def test_streaming_rope_with_handover_takes_unrotated_inputs():
     assert (outs[0] - outs[1]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("q_span", [(680, 700), (699, 700)])
+def test_backend_equals_tensor_api_in_the_sparse_regime(q_span):
+    """The vLLM backend (paged cache, RoPE handed over) and ``vllm_hip.infinitehip_attention``
+    (the transformers path) select the same blocks and give the same output beyond exact range,
+    in streaming RoPE: what the transformers passkey result shows holds for the backend too."""
+    from dataclasses import replace
+
+    rope = pytest.importorskip("vllm_hip.rope")
+    from vllm_hip.api import infinitehip_attention
+
+    cfg = replace(small_sparse_config(refresh=(1, 1)), rope_mode="streaming")
+    hq, hkv, d = 4, 2, 64
+    L = 700
+    lo, hi = q_span
+    batch = PagedBatch([L], hq, hkv, d, torch.float32, seed=13)
+    layer = FakeLayer(5)
+    impl = make_impl(cfg, hq, hkv, d)
+    hf = SimpleNamespace(model_type="llama", rope_theta=10000.0, head_dim=d, rope_scaling=None)
+    impl._hf_config, impl._max_positions, impl.rope_handed_over = hf, 1024, True
+    cos, sin = rope.rope_tables_from_config(hf, 1025, device=DEV)
+    batch.prefill_context(0, lo, layer)  # un-rotated keys, as with the RoPE handed over
+    md, q, k, v = batch.step(cfg, [(0, lo, hi)], decode_rows=(0,) if hi - lo == 1 else ())
+    assert md.qblocks_cpu.max_window_start - cfg.sink_tokens > cfg.selected_tokens  # sparse
+    out = run_impl(impl, layer, batch, md, q, k, v)
+    ref = infinitehip_attention(batch.q[0][None, lo:hi], batch.k[0][None, :hi], batch.v[0][None, :hi],
+                                cfg, rope=(cos, sin), layer_idx=5, page_size=PAGE)
+    assert (out.float() - ref[0].float()).abs().max().item() < 1e-4
+
+
 def test_streaming_model_types_are_checked():
     from vllm_hip.backend import check_streaming_rope_support
 
