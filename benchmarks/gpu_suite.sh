@@ -126,17 +126,18 @@ offload)
   # FLASH_ATTN first (it bounds the comparison), then INFINITEHIP with the KV in host memory up
   # to 1M tokens; each context is saved as it completes, so a cut-off run keeps the rest.
   python3 benchmarks/offload.py --shape llama-3.1-8b --decode-tokens 48 \
-    --backend-contexts "FLASH_ATTN=32768,131072,262144" --timeout "${FA_TIMEOUT:-170}" \
+    --backend-contexts "FLASH_ATTN=32768,131072,262144" --timeout "${FA_TIMEOUT:-150}" \
     --gpu-memory-utilization 0.85 --workdir "$OUT/offload" \
     --out "$OUT/offload_fa.json" >"$OUT/offload_fa.log" 2>&1
   python3 benchmarks/offload.py --shape llama-3.1-8b --decode-tokens 48 \
-    --backend-contexts "INFINITEHIP=32768,131072,262144,524288,1048576" --timeout "${HIP_TIMEOUT:-380}" \
+    --backend-contexts "INFINITEHIP=32768,131072,262144,524288,1048576" --timeout "$(left 20)" \
     --gpu-memory-utilization 0.85 --workdir "$OUT/offload" \
     --out "$OUT/offload_hip.json" >"$OUT/offload_hip.log" 2>&1
   ;;
 load)
   stamp "start: load test"
-  python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP,FLASH_ATTN \
+  # LOAD_BACKENDS=INFINITEHIP / FLASH_ATTN in two calls for LOAD_DURATION=300 (one call: 10 min)
+  python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}" \
     --duration "${LOAD_DURATION:-90}" --concurrency 64 \
     --server-args "--max-model-len 8192 --gpu-memory-utilization 0.7" \
     --log-dir "$OUT" --out "$OUT/load.json" >"$OUT/load.log" 2>&1
@@ -152,7 +153,9 @@ kill "$snapper" 2>/dev/null
 snapshot
 if [ -n "$RETURN" ]; then
   for f in serve_equivalence.json serve_equivalence_noise.json passkey.json passkey.png ray_batch.json \
-           fault.json; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN/"; done
+           fault.json offload_fa.json offload_hip.json load.json; do
+    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN/"
+  done
   ls "$RETURN"
 fi
 for f in "$OUT"/*.log; do echo "== $f"; grep -v "^INFO\|^(EngineCore\|^(APIServer\|DEBUG\|^WARNING" "$f" | tail -12; done
