@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                          "servers and save /metrics to LOG_DIR/metrics_<backend>.txt")
     ap.add_argument("--label", action="append", default=[],
                     help="BACKEND=NAME:JSON to add a server run of BACKEND with --additional-config JSON")
+    ap.add_argument("--run-args", action="append", default=[], metavar="NAME=ARGS",
+                    help="more vllm serve arguments for the run called NAME (a backend or a label), "
+                         "e.g. 'INFINITEHIP[ray]=--distributed-executor-backend ray'")
     args = ap.parse_args(argv)
 
     prompts = PROMPTS[: args.num_prompts]
@@ -204,8 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         backend, rest = spec.split("=", 1)
         name, cfg = rest.split(":", 1)
         runs.append((backend, name, ["--additional-config", cfg]))
+    run_args: dict[str, list[str]] = {}
+    for spec in args.run_args:
+        name, rest = spec.split("=", 1)
+        run_args[name] = shlex.split(rest)
+    unknown = set(run_args) - {name for _, name, _ in runs}
+    if unknown:
+        ap.error(f"--run-args names no run: {sorted(unknown)}")
     for backend, name, extra in runs:
-        proc = launch(args.model, backend, args.port, shlex.split(args.extra) + extra,
+        proc = launch(args.model, backend, args.port, shlex.split(args.extra) + extra + run_args.get(name, []),
                       os.path.join(args.log_dir, f"serve_{name}.log"))
         try:
             t0 = time.time()

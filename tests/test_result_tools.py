@@ -87,3 +87,36 @@ def test_offload_records_rates_ratios_and_plot(tmp_path):
     png = tmp_path / "o.png"
     offload.plot(recs, str(png), "t")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_equivalence_run_args_reach_only_their_run(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from benchmarks import serve_equivalence as se
+
+    launched = {}
+
+    def fake_launch(model, backend, port, extra, log_path):
+        launched[os.path.basename(log_path)] = extra
+        return object()
+
+    def not_healthy(port, proc, timeout):
+        raise RuntimeError("no server in this test")
+
+    monkeypatch.setattr(se, "launch", fake_launch)
+    monkeypatch.setattr(se, "wait_healthy", not_healthy)
+    monkeypatch.setattr(se, "stop", lambda proc: None)
+    out = tmp_path / "eq.json"
+    se.main(["--model", "m", "--backends", "FLASH_ATTN", "--extra", "--max-model-len 64",
+             "--label", "INFINITEHIP=INFINITEHIP[ray]:{}",
+             "--run-args", "INFINITEHIP[ray]=--distributed-executor-backend ray",
+             "--log-dir", str(tmp_path), "--out", str(out)])
+    assert launched["serve_FLASH_ATTN.log"] == ["--max-model-len", "64"]
+    assert launched["serve_INFINITEHIP[ray].log"] == [
+        "--max-model-len", "64", "--additional-config", "{}", "--distributed-executor-backend", "ray"]
+    # Runs that never answered count every request as a server error.
+    errors = {r["backend"]: r["value"] for r in json.loads(out.read_text()) if r["metric"] == "server_errors"}
+    assert errors == {"FLASH_ATTN": 40, "INFINITEHIP[ray]": 40}
+    with pytest.raises(SystemExit):
+        se.main(["--model", "m", "--run-args", "NOPE=--x", "--log-dir", str(tmp_path)])
+    assert "names no run" in capsys.readouterr().err
