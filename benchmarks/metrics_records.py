@@ -28,6 +28,8 @@ HIT_RATES = (
 )
 TOTALS = (
     ("h2d_bytes", "bytes"),
+    ("h2d_copy_bytes", "bytes"),
+    ("h2d_seconds", "s"),
     ("gpu_cache_occupied_blocks", "blocks"),
     ("gpu_cache_capacity_blocks", "blocks"),
     ("steps", "count"),

@@ -162,12 +162,12 @@ def build() -> Dashboard:
     y += 8
     d = d.with_panel(panel(
         "Host to GPU transfers",
-        "KV offload: bytes copied from host memory per second, and the bandwidth while "
-        "copying (bytes / seconds spent in transfers; empty when transfers are not timed).",
+        "KV offload: bytes moved from host memory per second (cache fills and reads of missed "
+        "pages), and the bandwidth of the explicit copies (fill bytes / seconds spent copying).",
         "Bps",
         [
             (rate(hip("h2d_bytes")), "host to GPU traffic"),
-            (ratio(hip("h2d_bytes"), hip("h2d_seconds")), "bandwidth while copying"),
+            (ratio(hip("h2d_copy_bytes"), hip("h2d_seconds")), "bandwidth while copying"),
         ],
         (left, y),
     ))

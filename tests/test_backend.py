@@ -452,7 +452,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens):
         outs[name] = got
         if name == "offload":
             pc = impl._page_cache
-            rows, hits, h2d, occupied, mask_rows, mask_hits = pc.counters.tolist()
+            rows, hits, h2d, occupied, mask_rows, mask_hits, _ = pc.counters.tolist()
             assert 0 < hits < rows and h2d > 0
             assert mask_rows > 0 and 0 <= mask_hits <= mask_rows  # pruning reads through it too
             assert occupied <= pc.capacity == cache_tokens // PAGE

@@ -85,7 +85,7 @@ def test_every_counter_has_a_recorder_and_reaches_the_snapshot():
     assert snap == {
         "mask_cache_queries": 4, "mask_cache_hits": 3, "attn_cache_queries": 10,
         "attn_cache_hits": 9, "mask_estimation_cache_queries": 6,
-        "mask_estimation_cache_hits": 3, "h2d_bytes": 100, "h2d_seconds": 0.25,
+        "mask_estimation_cache_hits": 3, "h2d_bytes": 100, "h2d_copy_bytes": 100, "h2d_seconds": 0.25,
         "selected_tokens": 2 * 2048 + 512, "attended_queries": 3, "prune_seconds": 0.5,
         "attention_seconds": 0.25, "exact_fallbacks": 1, "steps": 3, "stage_refreshes": [],
         "gpu_cache_occupied_blocks": 0, "gpu_cache_capacity_blocks": 0,
@@ -491,7 +491,8 @@ def test_dashboard_queries_return_data_from_a_real_prometheus(model_dir, tmp_pat
                                  "attn_cache_queries": 50, "attn_cache_hits": 45,
                                  "mask_estimation_cache_queries": 10,
                                  "mask_estimation_cache_hits": 5,
-                                 "h2d_bytes": 500_000, "h2d_seconds": 5e-5},
+                                 "h2d_bytes": 500_000, "h2d_copy_bytes": 500_000,
+                                 "h2d_seconds": 5e-5},
                     "stage_refreshes": [1],
                     "gauges": {"other-host/1": [10, 40]}})
                 sched = _engine_step(worker, other)

@@ -16,7 +16,7 @@ if DEV == "cpu":
 from test_sparse_attention import POISON, check_against_reference, make_case  # noqa: E402
 
 from triton_kernels.page_copy import copy_pages, copy_pages_reference  # noqa: E402
-from triton_kernels.cached_pages import CachedPages  # noqa: E402
+from triton_kernels.cached_pages import COUNTER_SLOTS, CachedPages  # noqa: E402
 from triton_kernels.sparse_attention import sparse_attention  # noqa: E402
 from vllm_hip.page_cache import COUNTER_NAMES, DevicePageCache, key_list_pages, new_counters  # noqa: E402
 from vllm_hip.stats import HipStats  # noqa: E402
@@ -116,6 +116,7 @@ def test_device_lru_batches_dedupes_and_never_evicts_the_current_call():
     assert 9 in res and len(res) == 4 and res <= {5, 6, 7, 8, 9, 10}
     page_bytes = main[0].numel() * 4
     assert counters[2].item() == (3 + 1 + 2 + 3) * page_bytes  # pages brought in
+    assert counters[6].item() == counters[2].item()  # all of them by explicit copies
     assert counters[3].item() == 4  # slots that went from empty to full
     for page, slot in pc.resident_pages().items():
         assert torch.equal(pc.kv[slot], main[page])
@@ -234,7 +235,8 @@ def test_mask_estimation_reads_cached_pages_from_the_cache(fraction):
         page_cache=CachedPages(pc.slot_of_page, *pc.kv.unbind(1), counters),
     )
     assert torch.equal(got_n, want_n) and torch.equal(got, want)
-    _, _, h2d, _, rows, hits = counters.tolist()
+    c = counters.tolist()
+    h2d, rows, hits = c[COUNTER_SLOTS["h2d_bytes"]], c[COUNTER_SLOTS["mask_rows"]], c[COUNTER_SLOTS["mask_hits"]]
     assert rows > 0
     assert h2d == (rows - hits) * 64 * 2  # one bf16 key head row per miss
     if fraction == 0.0:
@@ -269,12 +271,12 @@ def test_device_counters_reach_stats_snapshots():
     st.attach_device_counters(c, COUNTER_NAMES)
     st.attach_device_counters(c, ("attn_cache_queries",))  # same tensor: ignored
     st.attn_cache_queries += 5
-    c += torch.tensor([10, 7, 4096, 3, 20, 2], device=DEV)
+    c += torch.tensor([10, 7, 4096, 3, 20, 2, 1024], device=DEV)
     snap = st.snapshot_and_reset()
     assert (snap["attn_cache_queries"], snap["attn_cache_hits"], snap["h2d_bytes"]) == (15, 7, 4096)
-    assert snap["gpu_cache_occupied_blocks"] == 3
+    assert snap["gpu_cache_occupied_blocks"] == 3 and snap["h2d_copy_bytes"] == 1024
     assert (snap["mask_estimation_cache_queries"], snap["mask_estimation_cache_hits"]) == (20, 2)
-    c += torch.tensor([1, 1, 0, 0, 0, 0], device=DEV)
+    c += torch.tensor([1, 1, 0, 0, 0, 0, 0], device=DEV)
     snap = st.snapshot_and_reset()
     assert (snap["attn_cache_queries"], snap["attn_cache_hits"]) == (1, 1)
     st.reset()
@@ -289,3 +291,23 @@ def test_shared_counters_are_one_tensor_per_gpu_however_it_is_named():
     from vllm_hip.page_cache import shared_counters
 
     assert shared_counters("cuda") is shared_counters(torch.device("cuda", torch.cuda.current_device()))
+
+
+def test_fills_on_the_cpu_are_not_timed():
+    pc = DevicePageCache(torch.randn(8, 2, 4, 1, 8), capacity=2)
+    pc.admit(torch.tensor([3, 5]))
+    assert pc.copy_seconds == 0.0 and not pc._pending and pc.collect_copy_seconds() == 0.0
+
+
+@pytest.mark.gpu
+def test_fills_are_timed_with_events_into_h2d_seconds():
+    from vllm_hip import stats
+
+    main = torch.randn(64, 2, 16, 8, 128, device="cuda")
+    pc = DevicePageCache(main, capacity=32)
+    before = stats.get_stats().h2d_seconds
+    pc.admit(torch.arange(32, device="cuda"))
+    torch.cuda.synchronize()
+    pc.collect_copy_seconds()  # the admit itself may already have collected it
+    assert pc.copy_seconds > 0 and not pc._pending
+    assert stats.get_stats().h2d_seconds >= before + pc.copy_seconds * (1 - 1e-9)

@@ -24,6 +24,7 @@ COUNTER_SLOTS = {
     "occupied": 3,  # GPU cache slots holding a page (the cache's own bookkeeping)
     "mask_rows": 4,  # key rows mask estimation (pruning) read
     "mask_hits": 5,  # of those, from the GPU cache
+    "copy_bytes": 6,  # bytes of explicit page-cache fills (the cache's own bookkeeping)
 }
 
 
@@ -41,7 +42,7 @@ class CachedPages(NamedTuple):
     value_cache: torch.Tensor
     """[num_slots, page_size, Hkv, D]: same dtype and in-page strides as the main value cache."""
     counters: torch.Tensor
-    """int64 [>= 6] on the device, added to (see :data:`COUNTER_SLOTS`)."""
+    """int64 [>= 7] on the device, added to (see :data:`COUNTER_SLOTS`)."""
 
 
 def check_slot_table(cached: CachedPages, num_pages: int) -> None:

@@ -135,8 +135,11 @@ COUNTERS: tuple[MetricSpec, ...] = (
                "Offload: lookups in the GPU cache of keys read by the pruning stages."),
     MetricSpec("mask_estimation_cache_hits", "counter",
                "Offload: pruning-stage key lookups served from the GPU cache."),
-    MetricSpec("h2d_bytes", "counter", "Bytes copied from host memory to the GPU."),
-    MetricSpec("h2d_seconds", "counter", "Seconds spent copying from host memory to the GPU."),
+    MetricSpec("h2d_bytes", "counter",
+               "Bytes moved from host memory to the GPU (cache fills and missed reads)."),
+    MetricSpec("h2d_copy_bytes", "counter",
+               "Of those, bytes of explicit copies (cache fills): the ones h2d_seconds covers."),
+    MetricSpec("h2d_seconds", "counter", "Seconds spent in explicit host-to-GPU copies."),
     MetricSpec("selected_tokens", "counter",
                "Tokens selected by pruning, summed over attended queries (x layers)."),
     MetricSpec("attended_queries", "counter",
@@ -230,7 +233,7 @@ class InfiniteHipConnectorStats(KVConnectorStats):
             "h2d_MB": round(c.get("h2d_bytes", 0) / 1e6, 3),
         }
         if c.get("h2d_seconds"):
-            out["h2d_GBps"] = round(c["h2d_bytes"] / c["h2d_seconds"] / 1e9, 3)
+            out["h2d_GBps"] = round(c.get("h2d_copy_bytes", 0) / c["h2d_seconds"] / 1e9, 3)
         for i, n in enumerate(self.data["stage_refreshes"]):
             out[f"stage{i}_refreshes"] = n
         gauges = list(self.data["gauges"].values())

@@ -29,6 +29,9 @@ Slot ``capacity`` is scratch: padded entries write there, and it is never a vict
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
+
 import torch
 
 from triton_kernels.cached_pages import COUNTER_SLOTS, CachedPages
@@ -39,7 +42,8 @@ __all__ = ["COUNTER_NAMES", "DevicePageCache", "key_list_pages", "new_counters",
 #: Entries of the counters tensor (their order is the kernels', ``COUNTER_SLOTS``), named as the
 #: :class:`vllm_hip.stats.HipStats` fields they feed: key rows (token x kv head) sparse attention
 #: read, of those from the GPU cache, bytes moved host -> GPU (missed reads and cache fills), cache
-#: slots holding a page, key rows mask estimation read, of those from the GPU cache.
+#: slots holding a page, key rows mask estimation read, of those from the GPU cache, bytes of
+#: cache fills (explicit copies, timed with CUDA events into ``h2d_seconds``).
 COUNTER_NAMES = (
     "attn_cache_queries",
     "attn_cache_hits",
@@ -47,12 +51,17 @@ COUNTER_NAMES = (
     "gpu_cache_occupied_blocks",
     "mask_estimation_cache_queries",
     "mask_estimation_cache_hits",
+    "h2d_copy_bytes",
 )
 assert len(COUNTER_NAMES) == len(COUNTER_SLOTS)
 
 _SHARED: dict[torch.device, torch.Tensor] = {}
 
 _NEVER = torch.iinfo(torch.int64).max
+
+#: Fill timings awaiting their events; past this many (a GPU far behind) fills go untimed rather
+#: than grow the queue.
+_MAX_PENDING_TIMINGS = 4096
 
 
 def new_counters(device: torch.device | str) -> torch.Tensor:
@@ -85,7 +94,7 @@ class DevicePageCache:
     capacity : int
         Pages the GPU cache holds (>= 1).
     counters : torch.Tensor, optional
-        int64 [6] (:func:`new_counters`) this cache adds to; a private one by default.
+        int64 [7] (:func:`new_counters`) this cache adds to; a private one by default.
     """
 
     def __init__(self, main: torch.Tensor, capacity: int, counters: torch.Tensor | None = None):
@@ -109,6 +118,10 @@ class DevicePageCache:
         self.page_bytes = main[0].numel() * main.element_size()
         self._tick = 0
         self._scratch = torch.tensor([capacity], dtype=torch.int64, device=dev)
+        # (start, end) CUDA events around fills whose time is not yet added to h2d_seconds.
+        self._pending: deque = deque()
+        self.copy_seconds = 0.0
+        """Seconds the fills took (CUDA events; those still running are not counted yet)."""
         key, value = self.kv.unbind(1)
         self.view = CachedPages(self.slot_of_page, key, value, self.counters)
         """What the kernels take as ``page_cache`` (sparse attention and mask estimation)."""
@@ -173,10 +186,47 @@ class DevicePageCache:
         self.page_of_slot[victim] = torch.where(take, p_safe, -1)
         self.last_use[victim] = tick
         self.last_use[cap] = _NEVER
-        copy_pages(self.main, self.kv, torch.where(take, p_safe, -1), victim)
+        with self._copy_timer():
+            copy_pages(self.main, self.kv, torch.where(take, p_safe, -1), victim)
         n_take = take.sum()
         self.counters[COUNTER_SLOTS["h2d_bytes"]] += n_take * self.page_bytes
+        self.counters[COUNTER_SLOTS["copy_bytes"]] += n_take * self.page_bytes
         self.counters[COUNTER_SLOTS["occupied"]] += newly_filled.sum()
+
+    # ------------------------------------------------------------------ fill timing
+    @contextlib.contextmanager
+    def _copy_timer(self):
+        """Time the fill with CUDA events and add finished fills to ``h2d_seconds``, never
+        waiting: an event pair is read only once the GPU has passed its end (``query()``)."""
+        timed = (
+            self.main.is_cuda
+            and len(self._pending) < _MAX_PENDING_TIMINGS
+            and not torch.cuda.is_current_stream_capturing()
+        )
+        if not timed:
+            yield
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+        self.collect_copy_seconds()
+
+    def collect_copy_seconds(self) -> float:
+        """Add the time of every finished fill to ``copy_seconds`` and to the process stats'
+        ``h2d_seconds``; returns the seconds added."""
+        added = 0.0
+        while self._pending and self._pending[0][1].query():
+            start, end = self._pending.popleft()
+            added += start.elapsed_time(end) / 1e3
+        if added:
+            from vllm_hip import stats
+
+            self.copy_seconds += added
+            stats.get_stats().h2d_seconds += added
+        return added
 
     # ------------------------------------------------------------------ inspection (tests)
     def resident_pages(self) -> dict[int, int]:

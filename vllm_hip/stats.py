@@ -40,6 +40,7 @@ COUNTER_FIELDS: tuple[str, ...] = (
     "mask_estimation_cache_queries",
     "mask_estimation_cache_hits",
     "h2d_bytes",
+    "h2d_copy_bytes",
     "h2d_seconds",
     "selected_tokens",
     "attended_queries",
@@ -90,8 +91,13 @@ class HipStats:
     h2d_bytes: int = 0
     """Bytes moved from host memory to the GPU (cache fills and missed reads)."""
 
+    h2d_copy_bytes: int = 0
+    """Of those, the bytes of explicit copies (page-cache fills, the offload store's batched
+    transfers): the ones ``h2d_seconds`` is spent on. Missed reads happen inside the attention
+    and pruning kernels, whose transfer time cannot be told apart from their compute."""
+
     h2d_seconds: float = 0.0
-    """Seconds spent on those transfers (0 where the transfer is not timed)."""
+    """Seconds spent in explicit host-to-GPU copies (0 where they are not timed)."""
 
     gpu_cache_occupied_blocks: int = 0
     """Gauge: GPU cache slots currently holding a block (offload), summed over layers."""
@@ -162,7 +168,9 @@ class HipStats:
         self.mask_estimation_cache_hits += hits
 
     def record_h2d(self, nbytes: int, seconds: float = 0.0) -> None:
+        """An explicit host-to-GPU copy of ``nbytes`` that took ``seconds``."""
         self.h2d_bytes += nbytes
+        self.h2d_copy_bytes += nbytes
         self.h2d_seconds += seconds
 
     def set_gpu_cache(self, occupied_blocks: int, capacity_blocks: int) -> None:
