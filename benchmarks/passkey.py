@@ -54,6 +54,12 @@ def english_text(min_chars: int) -> str:
     return "\n\n".join(parts)
 
 
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def worker(args) -> int:
     """One backend in this process: writes raw results to args.worker_out."""
     from transformers import AutoTokenizer
@@ -81,10 +87,7 @@ def worker(args) -> int:
         kw["additional_config"] = json.loads(args.additional_config)
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0, max_tokens=12)
-    import torch
-
-    results = {"backend": args.backend, "passkey": [], "top1": {},
-               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    results = {"backend": args.backend, "passkey": [], "top1": {}, "device": device_name()}
 
     def save() -> None:
         # Rewritten after every length: a run cut off by its time budget keeps what it finished.
@@ -252,14 +255,14 @@ def main(argv=None) -> int:
     if args.backend:
         return worker(args)
 
-    import torch
-
-    dev = args.device or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    dev = args.device or device_name()
     raw = {}
     tmp = os.environ.get("OUT", "/tmp")
     children = []
     for b in args.backends.split(","):
         out = os.path.join(tmp, f"passkey_raw_{b}.json")
+        if os.path.exists(out):  # a worker that dies early must not report an older run's file
+            os.remove(out)
         env = dict(os.environ)
         if b != "INFINITEHIP":
             env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"

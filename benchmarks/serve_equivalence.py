@@ -137,9 +137,8 @@ def long_requests_and_metrics(port: int, n_tokens: int, path: str) -> None:
         print("  " + line)
 
 
-def report(results: dict, errors: dict, args, argv, final: bool = False) -> list[dict]:
-    """Compare every run with the first one and write the records (after each server run, so a
-    run cut off later keeps the comparisons already made); ``final`` also prints the table."""
+def comparison_records(results: dict, errors: dict, args, argv) -> list[dict]:
+    """Records comparing every run with the first one (``output_mismatches``, ``server_errors``)."""
     if not results:
         return []
     names = list(results)
@@ -148,33 +147,45 @@ def report(results: dict, errors: dict, args, argv, final: bool = False) -> list
     dev = device_name()
     cmd = "python benchmarks/serve_equivalence.py " + " ".join(argv or sys.argv[1:])
     for b in names:
-        mism = [k for k in ref if results[b].get(k) != ref[k]]
-        if final:
-            print(f"\n== {b}: {len(mism)} mismatches vs {names[0]}, {errors[b]} errors")
-        for k in mism[:10] if final else ():
-            print(f"  {k}: {ref[k]!r}\n  {' ' * len(k)}  {results[b].get(k)!r}")
         pairs = [("server_errors", errors[b])]
         if ref:  # without the reference's outputs there is nothing to compare with
-            pairs.insert(0, ("output_mismatches", len(mism)))
+            pairs.insert(0, ("output_mismatches", sum(results[b].get(k) != v for k, v in ref.items())))
         for metric, value in pairs:
             records.append({
                 "metric": metric, "backend": b, "context_tokens": 0, "value": value,
                 "unit": "count", "device": dev, "command": cmd,
                 "num_requests": 2 * len(PROMPTS[: args.num_prompts]), "reference_backend": names[0],
             })  # fmt: skip
-    if final:
-        print("\nsample outputs:")
-    for k in list(ref)[:6] if final else ():
-        print(f"  {k}: " + " | ".join(f"{b}={results[b].get(k)!r}" for b in names))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        if os.environ.get("OUT"):
-            stem = os.path.splitext(os.path.basename(args.out))[0]
-            with open(os.path.join(os.environ["OUT"], f"{stem}_outputs.json"), "w") as f:
-                json.dump(results, f, indent=1)
     return records
+
+
+def write_results(records: list[dict], results: dict, args) -> None:
+    """The records to ``--out`` and the outputs beside them in ``$OUT`` (rewritten after every
+    server run, so a run cut off later keeps the comparisons already made)."""
+    if not args.out:
+        return
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(records, f, indent=1)
+    if os.environ.get("OUT"):
+        stem = os.path.splitext(os.path.basename(args.out))[0]
+        with open(os.path.join(os.environ["OUT"], f"{stem}_outputs.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def print_comparison(results: dict, errors: dict) -> None:
+    if not results:
+        return
+    names = list(results)
+    ref = results[names[0]]
+    for b in names:
+        mism = [k for k in ref if results[b].get(k) != ref[k]]
+        print(f"\n== {b}: {len(mism)} mismatches vs {names[0]}, {errors[b]} errors")
+        for k in mism[:10]:
+            print(f"  {k}: {ref[k]!r}\n  {' ' * len(k)}  {results[b].get(k)!r}")
+    print("\nsample outputs:")
+    for k in list(ref)[:6]:
+        print(f"  {k}: " + " | ".join(f"{b}={results[b].get(k)!r}" for b in names))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                 results[name], errors[name] = {}, 2 * len(prompts)
         finally:
             stop(proc)
-        report(results, errors, args, argv)
+        write_results(comparison_records(results, errors, args, argv), results, args)
 
-    records = report(results, errors, args, argv, final=True)
+    records = comparison_records(results, errors, args, argv)
+    print_comparison(results, errors)
     return 0 if all(r["value"] == 0 for r in records) else 1
 
 

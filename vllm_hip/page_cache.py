@@ -188,9 +188,9 @@ class DevicePageCache:
         self.last_use[cap] = _NEVER
         with self._copy_timer():
             copy_pages(self.main, self.kv, torch.where(take, p_safe, -1), victim)
-        n_take = take.sum()
-        self.counters[COUNTER_SLOTS["h2d_bytes"]] += n_take * self.page_bytes
-        self.counters[COUNTER_SLOTS["copy_bytes"]] += n_take * self.page_bytes
+        fill_bytes = take.sum() * self.page_bytes
+        self.counters[COUNTER_SLOTS["h2d_bytes"]] += fill_bytes
+        self.counters[COUNTER_SLOTS["copy_bytes"]] += fill_bytes
         self.counters[COUNTER_SLOTS["occupied"]] += newly_filled.sum()
 
     # ------------------------------------------------------------------ fill timing
