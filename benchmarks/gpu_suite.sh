@@ -127,22 +127,40 @@ offload)
   # FLASH_ATTN first (it bounds the comparison), then INFINITEHIP with the KV in host memory up
   # to 1M tokens; each context is saved as it completes, so a cut-off run keeps the rest.
   python3 benchmarks/offload.py --shape llama-3.1-8b --decode-tokens 48 \
-    --backend-contexts "FLASH_ATTN=32768,131072,262144" --timeout "${FA_TIMEOUT:-150}" \
+    --backend-contexts "FLASH_ATTN=${FA_CONTEXTS:-131072,262144}" --timeout "${FA_TIMEOUT:-170}" \
     --gpu-memory-utilization 0.85 --workdir "$OUT/offload" \
     --out "$OUT/offload_fa.json" >"$OUT/offload_fa.log" 2>&1
   python3 benchmarks/offload.py --shape llama-3.1-8b --decode-tokens 48 \
-    --backend-contexts "INFINITEHIP=32768,131072,262144,524288,1048576" --timeout "$(left 20)" \
+    --backend-contexts "INFINITEHIP=${HIP_CONTEXTS:-131072,1048576}" --timeout "$(left 20)" \
     --gpu-memory-utilization 0.85 --workdir "$OUT/offload" \
     --out "$OUT/offload_hip.json" >"$OUT/offload_hip.log" 2>&1
   ;;
 load)
   stamp "start: load test"
-  # LOAD_BACKENDS=INFINITEHIP / FLASH_ATTN in two calls for LOAD_DURATION=300 (one call: 10 min)
-  python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}" \
-    --duration "${LOAD_DURATION:-90}" --concurrency 64 \
-    --server-args "--max-model-len 8192 --gpu-memory-utilization 0.7" \
-    --log-dir "$OUT" --out "$OUT/load.json" >"$OUT/load.log" 2>&1
-  tail -40 "$OUT/load.log"
+  # LOAD_BACKENDS=INFINITEHIP / FLASH_ATTN in two calls for LOAD_DURATION=300 (one call: 10 min),
+  # or LOAD_PARALLEL=1: both servers at once on the one GPU, each under its own 64 clients (same
+  # load, same contention; the throughput is then not a single-server number, and says so).
+  if [ "${LOAD_PARALLEL:-0}" = 1 ]; then
+    lpids=(); port=8141
+    IFS=, read -ra lbs <<<"${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}"
+    for b in "${lbs[@]}"; do
+      (timeout "$(left 5)" python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "$b" \
+        --duration "${LOAD_DURATION:-90}" --concurrency 64 --max-prompt-tokens 8000 --port "$port" --note "shared GPU: ${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN} loaded at the same time" \
+        --server-args "--max-model-len 8192 --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 20000000000" \
+        --log-dir "$OUT" --out "$OUT/load_$b.json" >"$OUT/load_$b.log" 2>&1) &
+      lpids+=($!); port=$((port + 1))
+    done
+    wait "${lpids[@]}"
+    python3 -c "import json,sys; json.dump(sum((json.load(open(f)) for f in sys.argv[2:]), []), open(sys.argv[1], 'w'), indent=1)" \
+      "$OUT/load.json" "$OUT"/load_*.json 2>/dev/null
+    tail -n 15 "$OUT"/load_*.log
+  else
+    python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}" \
+      --duration "${LOAD_DURATION:-90}" --concurrency 64 \
+      --server-args "--max-model-len 8192 --gpu-memory-utilization 0.7" \
+      --log-dir "$OUT" --out "$OUT/load.json" >"$OUT/load.log" 2>&1
+    tail -40 "$OUT/load.log"
+  fi
   ;;
 *)
   echo "unknown part $part" >&2

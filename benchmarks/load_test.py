@@ -664,6 +664,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="device name in the records (default: nvidia-smi)")
+    ap.add_argument("--note", default=None, help="note added to every record (e.g. how the GPU was shared)")
     ap.add_argument("--out", default=None, help="JSON records")
     ap.add_argument("--details", default=None, help="JSON of every request (per backend), for debugging")
     args = ap.parse_args(argv)
@@ -725,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"concurrency": args.concurrency, "duration_s": args.duration,
                  "max_prompt_tokens": args.max_prompt_tokens, "stream_fraction": args.stream_fraction,
                  "cancel_fraction": args.cancel_fraction, "healthy_after": alive}  # fmt: skip
+        if args.note:
+            extra["note"] = args.note
         ctx = summary["max_prompt_tokens"] or max((t for t in summary["prompt_tokens"] if t), default=0)
         records += make_records(summary, backend=backend, context_tokens=int(ctx), device=device,
                                 command=command, extra=extra)  # fmt: skip
