@@ -107,8 +107,11 @@ quality)
       --gpu-memory-utilization 0.08 --kv-cache-memory-bytes 6000000000 $EAGER --parallel --timeout "$(left 60)" --workdir "$OUT/ray_batch" \
       --out "$OUT/ray_batch.json" >"$OUT/ray_batch.log" 2>&1) &
   pids+=($!)
+  # A KV cache of ~13K tokens (SmolLM2: 23 KB a token), under two max-length requests: the
+  # KV-pressure fault must preempt (a fixed --kv-cache-memory-bytes wins over
+  # --num-gpu-blocks-override, which left the H200 run without preemption).
   (sleep 30; timeout "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
-      --server-args "--num-gpu-blocks-override 1024 $SMALL" \
+      --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 $EAGER" \
       --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
    # Host-memory exhaustion for the offload store: start-up must refuse with the sizes.
    timeout 120 python3 -m vllm.entrypoints.cli.main serve "$SMOLLM2" --attention-backend INFINITEHIP \

@@ -50,8 +50,11 @@ SHAPES = {
 }
 
 
-def write_shape(shape: str, folder: str) -> str:
+def write_shape(shape: str, folder: str, min_positions: int = 0) -> str:
+    """The shape's config.json in ``folder``; ``min_positions`` raises max_position_embeddings
+    (vLLM sizes its RoPE table by it: a dense backend past it indexes out of bounds)."""
     cfg = dict(SHAPES[shape])
+    cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], min_positions)
     cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16",
                rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1, eos_token_id=2)
     os.makedirs(folder, exist_ok=True)
@@ -77,10 +80,14 @@ def worker(args) -> int:
     from vllm_hip import stats as hip_stats
 
     contexts = [int(x) for x in args.contexts.split(",")]
-    model = write_shape(args.shape, os.path.join(args.workdir, args.shape))
     kv_bytes = 1 if args.kv_cache_dtype.startswith("fp8") else 2
     per_tok = kv_bytes_per_token(args.shape, kv_bytes)
     max_len = max(contexts) + args.decode_tokens + 64
+    # Dense backends get a RoPE table as long as the request (dummy weights: this measures speed
+    # and memory, not quality); INFINITEHIP keeps the trained length and extends it itself.
+    dense = args.backend != "INFINITEHIP"
+    model = write_shape(args.shape, os.path.join(args.workdir, f"{args.shape}-{args.backend.lower()}"),
+                        min_positions=max_len if dense else 0)
     kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True, tokenizer=None,
               attention_backend=args.backend, max_model_len=max_len, max_num_seqs=1,
               enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype,
@@ -142,21 +149,12 @@ def worker(args) -> int:
             rec["gpu_cache_capacity_blocks"] = end["gpu_cache_capacity_blocks"]
         rec["dense_kv_bytes"] = n * per_tok
         if args.backend == "INFINITEHIP":
-            rec["kv_gpu_bytes"] = _page_cache_bytes()
+            rec["kv_gpu_bytes"] = st.gpu_cache_bytes
         _emit(args, rec)
         print(f"[{args.backend}] {n:>8} tokens: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
             if k != "context"), flush=True)
     return 0
-
-
-def _page_cache_bytes() -> int:
-    """Bytes of every INFINITEHIP layer's GPU page cache in this process."""
-    import gc
-
-    from vllm_hip.page_cache import DevicePageCache
-
-    return sum(o.nbytes for o in gc.get_objects() if isinstance(o, DevicePageCache))
 
 
 def _emit(args, rec: dict) -> None:

@@ -255,6 +255,15 @@ def build() -> Dashboard:
         [(f"max(vllm:kv_cache_usage_perc{SEL})", "KV cache usage")],
         (right, y), max_val=1,
     ))
+    y += 8
+    d = d.with_panel(panel(
+        "KV on the GPU (offload)",
+        "KV offload: GPU memory of the page caches, i.e. all the KV the GPU holds while the full "
+        "cache lives in host memory; summed over layers and workers.",
+        "bytes",
+        [(f"sum({hip('gpu_cache_bytes')}{SEL})", "page caches")],
+        (left, y),
+    ))
     return d
 
 

@@ -27,6 +27,7 @@ from vllm_hip.backend import (  # noqa: E402
     write_kv_cache,
 )
 from vllm_hip.config import InfiniteHipConfig  # noqa: E402
+from vllm_hip import stats as hip_stats  # noqa: E402
 from vllm_hip.masks import RowTracker  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -436,6 +437,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens):
     from vllm_hip.page_cache import shared_counters
 
     shared_counters(DEV).zero_()  # process-wide: other tests' layers add to it too
+    hip_stats.reset_stats()
     for name, c in (("plain", base), ("offload", cfg)):
         batch = PagedBatch([L + steps for L in lens0], hq, hkv, d, torch.float32, seed=11, num_pages=120)
         impl = make_impl(c, hq, hkv, d)
@@ -456,6 +458,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens):
             assert 0 < hits < rows and h2d > 0
             assert mask_rows > 0 and 0 <= mask_hits <= mask_rows  # pruning reads through it too
             assert occupied <= pc.capacity == cache_tokens // PAGE
+            assert hip_stats.get_stats().gpu_cache_bytes == pc.nbytes  # the KV held on the GPU
             # Cached pages equal host memory (write-through kept them current).
             for page, slot in pc.resident_pages().items():
                 assert torch.equal(pc.kv[slot], batch.kv_cache[page])

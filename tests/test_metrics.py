@@ -88,7 +88,7 @@ def test_every_counter_has_a_recorder_and_reaches_the_snapshot():
         "mask_estimation_cache_hits": 3, "h2d_bytes": 100, "h2d_copy_bytes": 100, "h2d_seconds": 0.25,
         "selected_tokens": 2 * 2048 + 512, "attended_queries": 3, "prune_seconds": 0.5,
         "attention_seconds": 0.25, "exact_fallbacks": 1, "steps": 3, "stage_refreshes": [],
-        "gpu_cache_occupied_blocks": 0, "gpu_cache_capacity_blocks": 0,
+        "gpu_cache_occupied_blocks": 0, "gpu_cache_capacity_blocks": 0, "gpu_cache_bytes": 0,
     }
 
 
@@ -156,7 +156,7 @@ def test_collect_step_stats_sends_nothing_when_idle_and_gauges_only_on_change():
     st = stats.get_stats()
     st.set_gpu_cache(3, 8)
     first = metrics.collect_step_stats()
-    assert first is not None and list(first.data["gauges"].values()) == [[3, 8]]
+    assert first is not None and list(first.data["gauges"].values()) == [[3, 8, 0]]
     st.record_step()
     second = metrics.collect_step_stats()
     assert second.data["counters"] == {"steps": 1} and second.data["gauges"] == {}

@@ -36,7 +36,7 @@ from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
 from triton_kernels.cached_pages import CachedPages
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
-from vllm_hip.masks import LayerMaskCache, RefreshPlan, RowTracker, plan_refresh, subset_blocks
+from vllm_hip.masks import LayerMaskCache, MaskStore, RefreshPlan, RowTracker, plan_refresh, subset_blocks
 from vllm_hip.page_cache import DevicePageCache, key_list_pages, shared_counters
 
 logger = logging.getLogger("vllm_hip")
@@ -83,10 +83,14 @@ class InfiniteHipMetadata:
     step_id: int
     plans: dict[int, RefreshPlan | None] = field(default_factory=dict)
     """Refresh plan per k (filled lazily by the first layer that uses that k)."""
+    device_plans: dict[int, Any] = field(default_factory=dict)
+    """The same plans' index tensors on the device (``_DevicePlan``), made once per step."""
     all_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
     decode_blocks: torch.Tensor | None = None
     """Offload: device indices of the query blocks of decode rows (filled by the first layer)."""
+    mask_store: MaskStore | None = None
+    """The layers' decode mask caches (the row tracker's), permuted once per step."""
 
 
 class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
@@ -184,6 +188,7 @@ def build_metadata(
     src_row = None
     if tracker is not None:
         src_row = tracker.step(block_table, seq_lens, page_size)
+    mask_store = tracker.mask_store if tracker is not None else None
     return InfiniteHipMetadata(
         num_actual_tokens=n_tok,
         max_query_len=max_query_len,
@@ -198,6 +203,7 @@ def build_metadata(
         is_decode_row=is_decode,
         src_row=src_row,
         step_id=step_id,
+        mask_store=mask_store,
     )
 
 
@@ -348,7 +354,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         # un-rotated. Otherwise they arrive rotated and are rotated back here.
         self.rope_handed_over = rope_handed_over()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._own_mask_store: MaskStore | None = None
         self._mask_cache: LayerMaskCache | None = None
+        """This layer's view of the mask store as of its last step (for tests and debugging)."""
         self._page_cache: DevicePageCache | None = None
         self.layer_idx: int | None = None
 
@@ -375,7 +383,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             page_size = int(kv_cache.shape[2])
             capacity = max(1, self.hip_config.offload_gpu_cache_tokens // page_size)
             pc = DevicePageCache(kv_cache, capacity, shared_counters(kv_cache.device))
-            hip_stats.get_stats().gpu_cache_capacity_blocks += capacity
+            st = hip_stats.get_stats()
+            st.gpu_cache_capacity_blocks += capacity
+            st.gpu_cache_bytes += pc.nbytes
             self._page_cache = pc
         return pc
 
@@ -547,47 +557,45 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             )
             md.plans[k_tokens] = plan
         cache = self._layer_mask_cache(stages, md, q.device)
-        if md.src_row is not None:
-            cache.permute(md.src_row, md.step_id)
 
         nb = qb_cpu.num_blocks
         width = k_tokens // cfg.block_size_k
+        dev_plan = md.device_plans.get(k_tokens)
+        if dev_plan is None:
+            dev_plan = md.device_plans[k_tokens] = _DevicePlan.of(plan, qb, qb_cpu)
+        if plan.reuse.numel() == nb and width <= cache.sel.shape[1]:
+            # Every block reuses its row's selection (most decode steps): two gathers.
+            r = dev_plan.reuse_rows
+            st.record_mask_lookup(True, nb)
+            return cache.sel[r, :width], cache.sel_count[r]
         sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
         sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
-        rows_dev = qb.seq.long()
-        for s, idx_cpu in enumerate(plan.groups):
-            if idx_cpu.numel() == 0:
+        for s, group in enumerate(dev_plan.groups):
+            if group is None:
                 continue
-            sub = subset_blocks(qb, qb_cpu, idx_cpu)
-            idx = idx_cpu.to(q.device, non_blocking=True)
             cached = None
             if s > 0:
                 starts, count = cache.stage_inputs[s]  # type: ignore[misc]
-                r = rows_dev[idx]
-                cached = (starts[r], count[r])
+                cached = (starts[group.rows], count[group.rows])
             got_sel, got_cnt, stage_inputs = prune.select_blocks(
-                q, key_cache, md.block_table, md.seq_lens, sub, stages,
+                q, key_cache, md.block_table, md.seq_lens, group.blocks, stages,
                 cached_inputs=cached, first_stage=s, **common,
             )  # fmt: skip
             w = min(width, got_sel.shape[1])
-            sel[idx, :w] = got_sel[:, :w]
-            sel_count[idx] = got_cnt
-            st.add_stage_refresh(s, int(idx_cpu.numel()))
-            # Save state for the rows' next decode steps: every refreshed decode block, and the
-            # last block of each prefill row (the one nearest the next query).
-            keep = _blocks_to_store(plan, idx_cpu)
-            if keep.numel():
-                k_dev = keep.to(q.device, non_blocking=True)
+            sel[group.idx, :w] = got_sel[:, :w]
+            sel_count[group.idx] = got_cnt
+            st.add_stage_refresh(s, group.size)
+            if group.keep is not None:
+                k_dev = group.keep
                 cache.store(
-                    rows_dev[idx[k_dev]],
+                    group.keep_rows,
                     s,
                     [None if x is None else (x[0][k_dev], x[1][k_dev]) for x in stage_inputs],
                     got_sel[k_dev],
                     got_cnt[k_dev],
                 )
         if plan.reuse.numel():
-            idx = plan.reuse.to(q.device, non_blocking=True)
-            r = rows_dev[idx]
+            idx, r = dev_plan.reuse_idx, dev_plan.reuse_rows
             w = min(width, cache.sel.shape[1])
             sel[idx, :w] = cache.sel[r, :w]
             sel_count[idx] = cache.sel_count[r]
@@ -598,22 +606,68 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         return sel, sel_count
 
     def _layer_mask_cache(self, stages: list["_Stage"], md: InfiniteHipMetadata, device) -> LayerMaskCache:
-        # One row per batch row, plus a scratch row. A batch never has more rows than
-        # max_num_seqs, but grow anyway rather than trust the hint (the first batch of an
-        # engine is often a single request).
-        rows = int(md.is_decode_row.numel()) + 1
-        cache = self._mask_cache
-        if cache is None:
-            widths = [0] + [stages[i - 1].keep_tokens // stages[i].chunk_size for i in range(1, len(stages))]
-            self._mask_cache = LayerMaskCache.allocate(
-                widths,
-                stages[-1].keep_tokens // self.hip_config.block_size_k,
-                max(rows, self._max_rows_hint + 1),
-                device,
-            )
-        elif cache.num_rows < rows:
-            self._mask_cache = cache.grown(max(rows, 2 * cache.num_rows))
+        """This layer's slice of the step's mask store, its rows moved to this step's batch.
+
+        One row per batch row, plus a scratch row. A batch never has more rows than
+        max_num_seqs, but the store grows anyway rather than trust the hint (the first batch of
+        an engine is often a single request)."""
+        store = md.mask_store
+        if store is None:  # metadata built without a row tracker (tests): rows never move
+            if self._own_mask_store is None:
+                self._own_mask_store = MaskStore()
+            store = self._own_mask_store
+        widths = [0] + [stages[i - 1].keep_tokens // stages[i].chunk_size for i in range(1, len(stages))]
+        rows = max(int(md.is_decode_row.numel()) + 1, self._max_rows_hint + 1)
+        self._mask_cache = store.layer_cache(
+            self, widths, stages[-1].keep_tokens // self.hip_config.block_size_k, rows, device,
+            md.src_row, md.step_id,
+        )
         return self._mask_cache
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The query blocks that rerun pruning from one stage this step, on the device."""
+
+    blocks: QueryBlocks
+    idx: torch.Tensor
+    """Their indices among the step's query blocks."""
+    rows: torch.Tensor
+    """Their batch rows (mask-cache rows)."""
+    size: int
+    keep: torch.Tensor | None
+    """Positions within the group whose state is saved (decode blocks and each prefill row's
+    last block), None if none."""
+    keep_rows: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _DevicePlan:
+    """A :class:`RefreshPlan` moved to the device once per step and k, not once per layer."""
+
+    groups: list[_Group | None]
+    reuse_idx: torch.Tensor
+    reuse_rows: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: RefreshPlan, qb: QueryBlocks, qb_cpu: QueryBlocks) -> "_DevicePlan":
+        dev = qb.seq.device
+        rows_dev = qb.seq.long()
+        groups: list[_Group | None] = []
+        for idx_cpu in plan.groups:
+            if idx_cpu.numel() == 0:
+                groups.append(None)
+                continue
+            idx = idx_cpu.to(dev, non_blocking=True)
+            keep = _blocks_to_store(plan, idx_cpu)
+            k_dev = keep.to(dev, non_blocking=True) if keep.numel() else None
+            groups.append(_Group(
+                blocks=subset_blocks(qb, qb_cpu, idx_cpu), idx=idx, rows=rows_dev[idx],
+                size=int(idx_cpu.numel()), keep=k_dev,
+                keep_rows=rows_dev[idx[k_dev]] if k_dev is not None else None,
+            ))  # fmt: skip
+        reuse_idx = plan.reuse.to(dev, non_blocking=True)
+        return cls(groups=groups, reuse_idx=reuse_idx, reuse_rows=rows_dev[reuse_idx])
 
 
 @dataclass(frozen=True)

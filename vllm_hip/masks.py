@@ -11,7 +11,9 @@ its own (prefix caching only shares full pages of prompts, and the last prompt t
 recomputed into a fresh page), so each step records ``page_to_row[tail page] = row``. Next step a
 decode row finds its previous row through the page of its previous token, checked against the row's
 recorded page, and every layer's cached rows are permuted once with that map. All of it is device
-work: no host sync. A row with no valid predecessor (cannot happen for a request that went through
+work: no host sync. The layers' caches of one shape are slices of one stacked cache
+(:class:`MaskStore`, owned by the tracker), so that permutation is one set of ops per step, not
+one per layer: attention runs eagerly between vLLM's graphs, and every op is a launch. A row with no valid predecessor (cannot happen for a request that went through
 prefill, which is every request, including after preemption) gets an empty selection for the steps
 until its next refresh: sink + window only, never garbage indices.
 
@@ -27,7 +29,7 @@ import torch
 
 from triton_kernels.query_blocks import QueryBlocks
 
-__all__ = ["RefreshPlan", "RowTracker", "LayerMaskCache", "plan_refresh", "subset_blocks"]
+__all__ = ["RefreshPlan", "RowTracker", "LayerMaskCache", "MaskStore", "plan_refresh", "subset_blocks"]
 
 
 @dataclass
@@ -117,6 +119,8 @@ class RowTracker:
         self.page_to_row = torch.full((num_pages,), -1, dtype=torch.int64, device=device)
         self.row_page = torch.full((max_rows,), -1, dtype=torch.int64, device=device)
         self.step_id = 0
+        self.mask_store = MaskStore()
+        """The layers' mask caches, whose rows follow this tracker's row mapping."""
 
     def step(self, block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
         n = seq_lens.shape[0]
@@ -158,22 +162,55 @@ class LayerMaskCache:
 
     @classmethod
     def allocate(
-        cls, widths: list[int], sel_width: int, max_rows: int, device: torch.device
+        cls, widths: list[int], sel_width: int, max_rows: int, device: torch.device,
+        layers: int | None = None,
     ) -> "LayerMaskCache":
+        """An empty cache; with ``layers``, a stacked one: every tensor gets a layer dimension
+        after the row dimension (``[rows, layers, ...]``, see :meth:`layer`)."""
+        lay = () if layers is None else (layers,)
         inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
         for w in widths[1:]:
             inputs.append(
                 (
-                    torch.full((max_rows, w), -1, dtype=torch.int32, device=device),
-                    torch.zeros(max_rows, dtype=torch.int32, device=device),
+                    torch.full((max_rows, *lay, w), -1, dtype=torch.int32, device=device),
+                    torch.zeros((max_rows, *lay), dtype=torch.int32, device=device),
                 )
             )
         return cls(
             stage_inputs=inputs,
-            sel=torch.full((max_rows, sel_width), -1, dtype=torch.int32, device=device),
-            sel_count=torch.zeros(max_rows, dtype=torch.int32, device=device),
-            valid=torch.zeros(max_rows, dtype=torch.bool, device=device),
+            sel=torch.full((max_rows, *lay, sel_width), -1, dtype=torch.int32, device=device),
+            sel_count=torch.zeros((max_rows, *lay), dtype=torch.int32, device=device),
+            valid=torch.zeros((max_rows, *lay), dtype=torch.bool, device=device),
         )
+
+    def _tensors(self) -> list[tuple[torch.Tensor, int]]:
+        """Every tensor with its empty value."""
+        out: list[tuple[torch.Tensor, int]] = []
+        for entry in self.stage_inputs[1:]:
+            assert entry is not None
+            out += [(entry[0], -1), (entry[1], 0)]
+        return out + [(self.sel, -1), (self.sel_count, 0), (self.valid, 0)]
+
+    def _rebuilt(self, tensors: list[torch.Tensor]) -> "LayerMaskCache":
+        it = iter(tensors)
+        inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
+        for _ in self.stage_inputs[1:]:
+            inputs.append((next(it), next(it)))
+        return LayerMaskCache(stage_inputs=inputs, sel=next(it), sel_count=next(it),
+                              step_id=self.step_id, valid=next(it))
+
+    def layer(self, slot: int) -> "LayerMaskCache":
+        """One layer of a stacked cache: views (writes go to the stack), ``[rows, ...]``."""
+        return self._rebuilt([t[:, slot] for t, _ in self._tensors()])
+
+    def with_layers(self, layers: int) -> "LayerMaskCache":
+        """A copy of a stacked cache with room for ``layers`` layers (new ones empty)."""
+        def pad(t: torch.Tensor, empty: int) -> torch.Tensor:
+            out = torch.full((t.shape[0], layers, *t.shape[2:]), empty, dtype=t.dtype, device=t.device)
+            out[:, : t.shape[1]] = t
+            return out
+
+        return self._rebuilt([pad(t, e) for t, e in self._tensors()])
 
     @property
     def num_rows(self) -> int:
@@ -190,17 +227,7 @@ class LayerMaskCache:
             out[:n] = t
             return out
 
-        inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
-        for entry in self.stage_inputs[1:]:
-            assert entry is not None
-            inputs.append((pad(entry[0], -1), pad(entry[1], 0)))
-        return LayerMaskCache(
-            stage_inputs=inputs,
-            sel=pad(self.sel, -1),
-            sel_count=pad(self.sel_count, 0),
-            step_id=self.step_id,
-            valid=pad(self.valid, 0),
-        )
+        return self._rebuilt([pad(t, e) for t, e in self._tensors()])
 
     def permute(self, src_row: torch.Tensor, step_id: int) -> None:
         """Move each row's state to its new row (once per step); unknown rows become empty."""
@@ -216,13 +243,8 @@ class LayerMaskCache:
             mask = ok.view(-1, *([1] * (t.dim() - 1)))
             t[:n] = torch.where(mask, moved, torch.full_like(moved, empty))
 
-        for entry in self.stage_inputs[1:]:
-            assert entry is not None
-            move(entry[0], -1)
-            move(entry[1], 0)
-        move(self.sel, -1)
-        move(self.sel_count, 0)
-        self.valid[:n] = ok & self.valid[idx]
+        for t, empty in self._tensors():
+            move(t, empty)
 
     def store(
         self,
@@ -248,3 +270,46 @@ class LayerMaskCache:
         self.sel[rows, :w] = sel[:, :w]
         self.sel_count[rows] = sel_count
         self.valid[rows] = True
+
+
+class MaskStore:
+    """The mask caches of all layers whose rows follow one :class:`RowTracker`.
+
+    Layers with the same cache shape (stage widths, selection width, device) get slices of one
+    stacked :class:`LayerMaskCache`, so the per-step row permutation runs once for all of them.
+    """
+
+    def __init__(self) -> None:
+        self._stacks: dict[tuple, LayerMaskCache] = {}
+        self._slots: dict[tuple, dict[int, int]] = {}
+
+    def layer_cache(
+        self,
+        owner: object,
+        widths: list[int],
+        sel_width: int,
+        rows: int,
+        device: torch.device,
+        src_row: torch.Tensor | None,
+        step_id: int,
+    ) -> LayerMaskCache:
+        """``owner``'s cache (one per attention layer), with room for ``rows`` rows, its rows
+        moved to this step's batch (``src_row``, once per step for the whole stack).
+
+        The returned views stay valid until the next call (which may reallocate the stack):
+        take them anew every step."""
+        key = (tuple(widths), sel_width, str(device))
+        slots = self._slots.setdefault(key, {})
+        slot = slots.setdefault(id(owner), len(slots))
+        stack = self._stacks.get(key)
+        if stack is None:
+            stack = LayerMaskCache.allocate(widths, sel_width, rows, device, layers=len(slots))
+        elif stack.sel.shape[1] < len(slots):
+            # A layer joined (the first step of an engine): room for twice as many.
+            stack = stack.with_layers(max(len(slots), 2 * stack.sel.shape[1]))
+        if stack.num_rows < rows:
+            stack = stack.grown(max(rows, 2 * stack.num_rows))
+        self._stacks[key] = stack
+        if src_row is not None:
+            stack.permute(src_row, step_id)
+        return stack.layer(slot)

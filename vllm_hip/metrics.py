@@ -158,6 +158,8 @@ GAUGES: tuple[MetricSpec, ...] = (
                "Offload: GPU cache slots holding a block, summed over layers and workers."),
     MetricSpec("gpu_cache_capacity_blocks", "gauge",
                "Offload: GPU cache slots in total, summed over layers and workers."),
+    MetricSpec("gpu_cache_bytes", "gauge",
+               "Offload: GPU memory of the KV page caches (all KV on the GPU), summed over layers and workers."),
 )
 
 STAGE_REFRESHES = MetricSpec(
@@ -349,7 +351,8 @@ class InfiniteHipPromMetrics(KVConnectorPromMetrics):
             known = self._worker_gauges.setdefault(engine_idx, {})
             known.update(gauges)
             for i, spec in enumerate(GAUGES):
-                self._gauges[spec.field][engine_idx].set(sum(g[i] for g in known.values()))
+                # A worker of an older vllm-hip may send fewer gauges: missing ones count 0.
+                self._gauges[spec.field][engine_idx].set(sum(g[i] for g in known.values() if i < len(g)))
 
 
 # ---------------------------------------------------------------------- the connector

@@ -51,7 +51,9 @@ COUNTER_FIELDS: tuple[str, ...] = (
 )
 
 #: Values that are set, not added: the latest value is exported.
-GAUGE_FIELDS: tuple[str, ...] = ("gpu_cache_occupied_blocks", "gpu_cache_capacity_blocks")
+GAUGE_FIELDS: tuple[str, ...] = (
+    "gpu_cache_occupied_blocks", "gpu_cache_capacity_blocks", "gpu_cache_bytes",
+)
 
 
 def _num(value: Any) -> float | int:
@@ -104,6 +106,9 @@ class HipStats:
 
     gpu_cache_capacity_blocks: int = 0
     """Gauge: GPU cache slots in total (offload), summed over layers."""
+
+    gpu_cache_bytes: int = 0
+    """Gauge: GPU memory of the offload page caches (all the KV the GPU holds), summed over layers."""
 
     stage_refreshes: list[int] = field(default_factory=list)
     """Per pruning stage index (0 = coarsest): (step × layer) pairs that reran that stage."""

