@@ -17,7 +17,8 @@ Per step and layer:
    ``slot_of_page``: from the GPU on a hit, from host memory on a miss, and count both
    (:class:`~triton_kernels.cached_pages.CachedPages`);
 3. :meth:`DevicePageCache.admit` takes the pages the decode rows just read, marks the cached
-   ones used, and brings the others in, evicting the least recently used slots.
+   ones used, and brings the others in, evicting the least recently used slots (the backend
+   skips it on steps that reused every selection: those pages came in with the selection).
 
 Everything stays on the device: the index lists have fixed lengths with -1 padding, victims come
 from one ``topk`` over the slots' last-use ticks, and the copy kernel skips padding; no step
