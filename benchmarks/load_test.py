@@ -19,7 +19,9 @@ connection errors and timeouts, streams that end without ``[DONE]`` or carry an 
 the solo re-sends), ``output_mismatches`` (loaded outputs that differ from the solo output of the same
 prompt, plus cancelled streams whose partial text is not a prefix of it), ``client_errors`` (4xx),
 ``requests_per_s``, ``output_tokens_per_s``, ``p50/p99_latency_s``, ``p50/p99_ttft_s`` (streams) and,
-where the server's process is known, ``host_rss_growth_mib`` and ``gpu_memory_growth_mib``.
+where the server's process is known, ``host_rss_growth_mib`` (from after the warm-up requests),
+``host_rss_growth_second_half_mib`` (over the run's second half: a leak, not warm-up) and
+``gpu_memory_growth_mib``.
 
 Exit status: 0 clean, 1 server errors, 2 output mismatches only.
 """
@@ -348,6 +350,7 @@ RECORD_METRICS = (
     ("p50_ttft_s", "s"),
     ("p99_ttft_s", "s"),
     ("host_rss_growth_mib", "MiB"),
+    ("host_rss_growth_second_half_mib", "MiB"),
     ("gpu_memory_growth_mib", "MiB"),
 )
 
@@ -600,6 +603,11 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
     if rss0 is not None and rss1 is not None:
         summary["host_rss_growth_mib"] = rss1 - rss0
         summary["host_rss_mib"] = {"before": rss0, "after": rss1, "max": max(rss_samples + [rss1])}
+        # Warm-up (kernels compiled for new shapes, allocator pools) lands early; a leak keeps
+        # growing: the growth over the run's second half tells them apart.
+        half = rss_samples[len(rss_samples) // 2:] if len(rss_samples) >= 4 else []
+        if half:
+            summary["host_rss_growth_second_half_mib"] = rss1 - half[0]
     if gpu0 is not None and gpu1 is not None:
         summary["gpu_memory_growth_mib"] = gpu1 - gpu0
     summary["prompt_tokens"] = [p.tokens for p in prompts]
