@@ -87,14 +87,14 @@ quality)
   # second backend, i.e. how far two exact kernels drift apart in greedy decoding.
   (timeout "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
       --backends FLASH_ATTN,INFINITEHIP --label 'INFINITEHIP=INFINITEHIP[offload]:{"infinitehip":{"offload":true}}' \
-      --label 'INFINITEHIP=INFINITEHIP[ray]:{}' --run-args 'INFINITEHIP[ray]=--distributed-executor-backend ray' \
       --extra "$SMALL" --metrics-tokens 6000 --startup-timeout 240 \
       --port 8131 --log-dir "$OUT" --out "$OUT/serve_equivalence.json" >"$OUT/serve_equivalence.log" 2>&1) &
   pids+=($!)
   (sleep 20; timeout "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
       --backends FLASH_ATTN,TRITON_ATTN \
+      --label 'INFINITEHIP=INFINITEHIP[ray]:{}' --run-args 'INFINITEHIP[ray]=--distributed-executor-backend ray' \
       --label 'INFINITEHIP=INFINITEHIP[rope_mode=model]:{"infinitehip":{"rope_mode":"model"}}' \
-      --extra "$SMALL" --startup-timeout 240 \
+      --extra "$SMALL" --metrics-tokens 6000 --startup-timeout 240 \
       --port 8134 --log-dir "$OUT" --out "$OUT/serve_equivalence_noise.json" >"$OUT/serve_equivalence_noise.log" 2>&1) &
   pids+=($!)
   # TRITON_ATTN too: its top-1 agreement with FLASH_ATTN is the noise floor for ours.
