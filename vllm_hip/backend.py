@@ -491,6 +491,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             num_splits=self.hip_config.decode_splits,
             window_tokens=self.hip_config.window_tokens,
             page_cache=cached,
+            out=out,  # straight into vLLM's output buffer (no copy)
         )
         if pc is not None and not self._reused_all:
             # A step that reused every selection reads the pages admitted when they were made
