@@ -472,3 +472,39 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
                 assert torch.equal(pc.kv[slot], batch.kv_cache[page])
     for a, b in zip(outs["plain"], outs["offload"]):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
+    """A prefill step first brings the sink and window pages of its query blocks into the GPU
+    page cache (one copy instead of a read across PCIe per query block): with a fresh cache,
+    the step's attention already hits, and those pages are resident and current afterwards."""
+    from dataclasses import replace
+
+    from vllm_hip.page_cache import shared_counters
+
+    cfg = replace(small_sparse_config(), offload=True, offload_gpu_cache_tokens=4096)
+    hq, hkv, d = 4, 2, 64
+    lens = [600, 300]
+    layer = FakeLayer(3)
+    batch = PagedBatch(lens, hq, hkv, d, torch.float32, seed=5, num_pages=120)
+    impl = make_impl(cfg, hq, hkv, d)
+    shared_counters(DEV).zero_()
+    for i, L in enumerate(lens):
+        batch.prefill_context(i, L - 100, layer)
+    md, q, k, v = batch.step(cfg, [(0, lens[0] - 100, lens[0]), (1, lens[1] - 100, lens[1])], step_id=1)
+    out = run_impl(impl, layer, batch, md, q, k, v)
+    pc = impl._page_cache
+    rows, hits = pc.counters.tolist()[:2]
+    assert 0 < hits <= rows
+    resident = pc.resident_pages()
+    qb = md.qblocks_cpu
+    for i, L in enumerate(lens):
+        w0 = int(qb.window_start[qb.seq == i].min())
+        want = set(range(-(-cfg.sink_tokens // PAGE))) | set(range(w0 // PAGE, -(-L // PAGE)))
+        pages = {int(batch.block_table[i, p]) for p in want}
+        assert pages <= resident.keys(), sorted(pages - resident.keys())
+        for page in pages:
+            assert torch.equal(pc.kv[resident[page]], batch.kv_cache[page])  # new tokens included
+    ref, _, cnt = reference_forward(cfg, batch, md, q, d, layer_idx=3)
+    assert int(cnt.max()) > 0  # the sparse path ran
+    assert (out.float() - ref).abs().max().item() < 2e-3

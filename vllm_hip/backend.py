@@ -89,6 +89,8 @@ class InfiniteHipMetadata:
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
     decode_blocks: torch.Tensor | None = None
     """Offload: device indices of the query blocks of decode rows (filled by the first layer)."""
+    prefill_blocks: torch.Tensor | None = None
+    """Offload: the same for prefill rows."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
 
@@ -394,22 +396,41 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
     def _admit_decode_pages(
         self, pc: DevicePageCache, md: InfiniteHipMetadata, sel: torch.Tensor, cnt: torch.Tensor
     ) -> None:
-        """Bring the pages the decode rows just read into the GPU cache (LRU); prefill reads
-        are one-off and would only flush it."""
+        """Bring the pages the decode rows just read into the GPU cache (LRU). A prefill row's
+        selected blocks are read once per query block and would only flush it."""
         if md.decode_blocks is None:
             dec = md.is_decode_row[md.qblocks_cpu.seq.long()]
             md.decode_blocks = torch.nonzero(dec).flatten().to(sel.device, non_blocking=True)
         idx = md.decode_blocks
-        if idx.numel() == 0:
-            return
+        if idx.numel():
+            self._admit_pages(pc, md, idx, sel[idx], cnt[idx])
+
+    def _admit_prefill_windows(self, pc: DevicePageCache, md: InfiniteHipMetadata) -> None:
+        """Before a prefill step's kernels: bring in the sink and window pages of its prefill
+        query blocks. Each of those pages is read by every query block whose window covers it
+        (a 16K-token chunk has 256 blocks of 64 queries, each reading ~1K window tokens), so one
+        copy now replaces many reads across PCIe; the new tokens are already in host memory."""
+        if md.prefill_blocks is None:
+            pre = ~md.is_decode_row[md.qblocks_cpu.seq.long()]
+            md.prefill_blocks = torch.nonzero(pre).flatten().to(md.qblocks.seq.device, non_blocking=True)
+        idx = md.prefill_blocks
+        if idx.numel():
+            n = idx.numel()
+            no_sel = torch.zeros((n, 0), dtype=torch.int32, device=idx.device)
+            self._admit_pages(pc, md, idx, no_sel, torch.zeros(n, dtype=torch.int32, device=idx.device))
+
+    def _admit_pages(self, pc: DevicePageCache, md: InfiniteHipMetadata, idx: torch.Tensor,
+                     sel: torch.Tensor, cnt: torch.Tensor) -> None:
+        """Admit the sink, window and selected pages (``sel``/``cnt``: of these blocks only) of
+        the query blocks ``idx``."""
         cfg = self.hip_config
         pages = key_list_pages(
             md.block_table,
             md.seq_lens,
             md.qblocks.seq[idx],
             md.qblocks.window_start[idx],
-            sel[idx],
-            cnt[idx],
+            sel,
+            cnt,
             sink_tokens=cfg.sink_tokens,
             page_size=pc.page_size,
             max_window_pages=(cfg.window_tokens + cfg.block_size_q) // pc.page_size + 2,
@@ -458,6 +479,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         pc = self._offload_page_cache(kv_cache)
         cached = None
         if pc is not None:
+            if not bool(md.is_decode_row.all()):
+                self._admit_prefill_windows(pc, md)
             ck, cv = pc.kv.unbind(1)
             if fp8:
                 ck, cv = ck.view(torch.float8_e4m3fn), cv.view(torch.float8_e4m3fn)

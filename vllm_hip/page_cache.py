@@ -12,7 +12,9 @@ Per step and layer:
 
 1. new keys/values are written to host memory and, for pages that are cached, to their slot
    too (:meth:`DevicePageCache.cache_slot_mapping`: write-through, so a cached page is never
-   stale, also when vLLM hands a freed page to another request);
+   stale, also when vLLM hands a freed page to another request); on a step with prefill rows
+   the backend then admits their sink and window pages (every query block of the chunk reads
+   them, so one copy beats a read across PCIe per block);
 2. sparse attention (keys and values) and mask estimation (keys) read every page through
    ``slot_of_page``: from the GPU on a hit, from host memory on a miss, and count both
    (:class:`~triton_kernels.cached_pages.CachedPages`);
