@@ -13,9 +13,10 @@ decode row finds its previous row through the page of its previous token, checke
 recorded page, and every layer's cached rows are permuted once with that map. All of it is device
 work: no host sync. The layers' caches of one shape are slices of one stacked cache
 (:class:`MaskStore`, owned by the tracker), so that permutation is one set of ops per step, not
-one per layer: attention runs eagerly between vLLM's graphs, and every op is a launch. A row with no valid predecessor (cannot happen for a request that went through
-prefill, which is every request, including after preemption) gets an empty selection for the steps
-until its next refresh: sink + window only, never garbage indices.
+one per layer: attention runs eagerly between vLLM's graphs, and every op is a launch. A row with
+no valid predecessor (cannot happen for a request that went through prefill, which is every
+request, including after preemption) gets an empty selection for the steps until its next
+refresh: sink + window only, never garbage indices.
 
 The host side decides *which stage* each row reruns from the host copy of positions, so the number
 of launches is known without a sync.
