@@ -508,3 +508,24 @@ def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
     ref, _, cnt = reference_forward(cfg, batch, md, q, d, layer_idx=3)
     assert int(cnt.max()) > 0  # the sparse path ran
     assert (out.float() - ref).abs().max().item() < 2e-3
+
+
+def test_chunked_prefill_attends_like_one_pass_after_the_cut_block():
+    """vLLM cuts prompts into chunks wherever the batch's token budget ends. Query blocks are
+    aligned to absolute positions, so queries past the block that straddles the cut get the same
+    selection, hence the same output, as in one pass (before, every later block shifted)."""
+    cfg = small_sparse_config()
+    hq, hkv, d = 4, 2, 64
+    n, cut = 700, 333  # the cut falls inside block [320, 336)
+    layer = FakeLayer(3)
+    outs = []
+    for spans in ([(0, n)], [(0, cut), (cut, n)]):
+        batch = PagedBatch([n], hq, hkv, d, torch.float32, seed=9)
+        impl = make_impl(cfg, hq, hkv, d)
+        got = []
+        for lo, hi in spans:
+            md, q, k, v = batch.step(cfg, [(0, lo, hi)])
+            got.append(run_impl(impl, layer, batch, md, q, k, v))
+        outs.append(torch.cat(got))
+    after = (cut // 16 + 1) * 16
+    assert torch.allclose(outs[0][after:], outs[1][after:], atol=1e-5), (outs[0][after:] - outs[1][after:]).abs().max()

@@ -12,6 +12,12 @@ Every query p of the block attends to sink keys ``[0, min(sink, p + 1))``, the s
 (all ``< W0``) and the window keys ``[W0, p]``: disjoint parts, so nothing is counted twice.
 Later queries of a prefill block see a window up to ``block_size_q - 1`` tokens longer; that keeps
 one selection valid for the whole block.
+
+Blocks are aligned to absolute positions (multiples of ``block_size_q``), not to the first new
+query: a chunk that starts mid-block gets a short first block up to the next boundary. So where
+vLLM's scheduler cuts a prompt into chunks (which depends on what else is in the batch) changes
+only the block that straddles the cut, not every block after it, and a prompt prefilled in
+chunks selects (nearly) what it selects in one pass.
 """
 
 from __future__ import annotations
@@ -106,15 +112,22 @@ def build_query_blocks(
     q_lens = qsl[1:] - qsl[:-1]
     if bool((q_lens > lens).any()):
         raise ValueError("a sequence has more new queries than tokens (q_len > seq_len)")
-    blocks_per_seq = (q_lens + block_size_q - 1) // block_size_q
+    first_pos = lens - q_lens
+    # A short head block up to the next multiple of block_size_q, then aligned blocks.
+    head = torch.minimum((-first_pos) % block_size_q, q_lens)
+    has_head = (head > 0).long()
+    blocks_per_seq = has_head + (q_lens - head + block_size_q - 1) // block_size_q
     nb = int(blocks_per_seq.sum())
     seq = torch.repeat_interleave(torch.arange(num_seqs), blocks_per_seq)
     # index of each block within its sequence
     first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
     local = torch.arange(nb) - torch.repeat_interleave(first_block, blocks_per_seq)
-    q_start = qsl[:-1][seq] + local * block_size_q
-    q_len = torch.minimum(q_lens[seq] - local * block_size_q, torch.tensor(block_size_q))
-    pos = (lens - q_lens)[seq] + local * block_size_q
+    is_head = (local == 0) & (has_head[seq] > 0)
+    offset = torch.where(is_head, 0, head[seq] + (local - has_head[seq]) * block_size_q)
+    q_start = qsl[:-1][seq] + offset
+    q_len = torch.where(is_head, head[seq],
+                        torch.minimum(q_lens[seq] - offset, torch.tensor(block_size_q)))
+    pos = first_pos[seq] + offset
     window_start = torch.clamp(pos - window_tokens + 1, min=sink_tokens)
     dev = torch.device("cpu") if device is None else torch.device(device)
 

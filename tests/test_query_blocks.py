@@ -1,0 +1,42 @@
+"""Query blocks are aligned to absolute positions (triton_kernels.query_blocks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from triton_kernels.query_blocks import build_query_blocks
+
+BQ = 16
+
+
+def _blocks(starts_lens, seq_lens):
+    q_lens = [n for n in starts_lens]
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()))
+    return build_query_blocks(qsl, torch.tensor(seq_lens), block_size_q=BQ, sink_tokens=4, window_tokens=32)
+
+
+@pytest.mark.parametrize("ctx,n", [(0, 50), (5, 1), (16, 40), (21, 100), (31, 1), (33, 14), (47, 2)])
+def test_blocks_cover_the_queries_once_and_only_a_head_block_is_unaligned(ctx, n):
+    qb = _blocks([n], [ctx + n])
+    pos, q_len, q_start = qb.pos.tolist(), qb.q_len.tolist(), qb.q_start.tolist()
+    covered = [p + i for p, m in zip(pos, q_len) for i in range(m)]
+    assert covered == list(range(ctx, ctx + n))
+    assert q_start == [p - ctx for p in pos]
+    for j, (p, m) in enumerate(zip(pos, q_len)):
+        assert 1 <= m <= BQ and (p + m - 1) // BQ == p // BQ  # never crosses a boundary
+        if j > 0:
+            assert p % BQ == 0
+
+
+@pytest.mark.parametrize("cut", [7, 16, 333 % 64, 40])
+def test_chunked_prefill_changes_only_the_block_that_straddles_the_cut(cut):
+    n = 64
+    whole = _blocks([n], [n])
+    first, second = _blocks([cut], [cut]), _blocks([n - cut], [n])
+    one = set(zip(whole.pos.tolist(), whole.q_len.tolist()))
+    two = set(zip(first.pos.tolist(), first.q_len.tolist())) | set(zip(second.pos.tolist(), second.q_len.tolist()))
+    straddling = {(p, m) for p, m in one if p < cut < p + m}
+    pieces = {(p, m) for p, m in two if cut % BQ and p // BQ == cut // BQ}  # its two halves
+    assert len(straddling) == (1 if cut % BQ else 0) and len(pieces) == 2 * len(straddling)
+    assert one - straddling == two - pieces
