@@ -202,12 +202,15 @@ def test_streaming_preset_attends_sink_and_window_only(impl, rope):
     assert sel.sel_blocks.shape[1] == 0
     # Masked dense reference: query p of a block with first position p0 sees keys < 16 and
     # [W0, p], W0 = max(16, p0 - 63); with RoPE, window keys at their true positions, sink keys
-    # renumbered to end just before W0.
+    # renumbered to end just before W0. Blocks are aligned to multiples of 16 (the first query,
+    # at 300, starts a short block up to 304).
     expect = torch.empty(2, q_len, 4, 64, device=DEV)
     keys = torch.arange(t, device=DEV)
-    for i0 in range(0, q_len, 16):
-        rows = slice(i0, min(q_len, i0 + 16))
-        p = t - q_len + torch.arange(rows.start, rows.stop, device=DEV)
+    first = t - q_len
+    bounds = [first, *range((first // 16 + 1) * 16, t, 16), t]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = slice(a - first, b - first)
+        p = torch.arange(a, b, device=DEV)
         w0 = max(16, int(p[0]) - 63)
         allowed = ((keys[None, :] < 16) | (keys[None, :] >= w0)) & (keys[None, :] <= p[:, None])
         qq, kk = q[:, rows], k
