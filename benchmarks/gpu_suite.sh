@@ -141,8 +141,9 @@ offload)
 load)
   stamp "start: load test"
   # LOAD_BACKENDS=INFINITEHIP / FLASH_ATTN in two calls for LOAD_DURATION=300 (one call: 10 min),
-  # or LOAD_PARALLEL=1: both servers at once on the one GPU, each under its own 64 clients (same
-  # load, same contention; the throughput is then not a single-server number, and says so).
+  # or LOAD_PARALLEL=1: both servers at once on the one GPU, each under its own 64 clients (one
+  # call; the throughput is then not a single-server number and the records say so: time-sharing
+  # hurts a server that launches many small kernels more than one that replays CUDA graphs).
   if [ "${LOAD_PARALLEL:-0}" = 1 ]; then
     lpids=(); port=8141
     IFS=, read -ra lbs <<<"${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}"
