@@ -10,9 +10,9 @@ from triton_kernels.query_blocks import build_query_blocks
 BQ = 16
 
 
-def _blocks(starts_lens, seq_lens):
-    q_lens = [n for n in starts_lens]
-    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()))
+def _blocks(q_lens, seq_lens):
+    """Query blocks of sequences with ``q_lens`` new queries ending at ``seq_lens``."""
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
     return build_query_blocks(qsl, torch.tensor(seq_lens), block_size_q=BQ, sink_tokens=4, window_tokens=32)
 
 
