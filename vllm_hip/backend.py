@@ -89,8 +89,9 @@ class InfiniteHipMetadata:
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
     decode_blocks: torch.Tensor | None = None
     """Offload: device indices of the query blocks of decode rows (filled by the first layer)."""
-    prefill_blocks: torch.Tensor | None = None
-    """Offload: the same for prefill rows."""
+    prefill_window_pages: torch.Tensor | None = None
+    """Offload: sink and window pages of the prefill rows' query blocks (filled by the first
+    layer; the same for all)."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
 
@@ -399,32 +400,32 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         """Bring the pages the decode rows just read into the GPU cache (LRU). A prefill row's
         selected blocks are read once per query block and would only flush it."""
         if md.decode_blocks is None:
-            dec = md.is_decode_row[md.qblocks_cpu.seq.long()]
-            md.decode_blocks = torch.nonzero(dec).flatten().to(sel.device, non_blocking=True)
+            md.decode_blocks = _blocks_of_rows(md, decode=True)
         idx = md.decode_blocks
         if idx.numel():
-            self._admit_pages(pc, md, idx, sel[idx], cnt[idx])
+            pc.admit(self._key_pages(pc.page_size, md, idx, sel[idx], cnt[idx]))
 
     def _admit_prefill_windows(self, pc: DevicePageCache, md: InfiniteHipMetadata) -> None:
         """Before a prefill step's kernels: bring in the sink and window pages of its prefill
         query blocks. Each of those pages is read by every query block whose window covers it
         (a 16K-token chunk has 256 blocks of 64 queries, each reading ~1K window tokens), so one
-        copy now replaces many reads across PCIe; the new tokens are already in host memory."""
-        if md.prefill_blocks is None:
-            pre = ~md.is_decode_row[md.qblocks_cpu.seq.long()]
-            md.prefill_blocks = torch.nonzero(pre).flatten().to(md.qblocks.seq.device, non_blocking=True)
-        idx = md.prefill_blocks
-        if idx.numel():
+        copy now replaces many reads across PCIe; the new tokens are already in host memory.
+        The page list is the same for every layer: made by the first, once per step."""
+        if md.prefill_window_pages is None:
+            idx = _blocks_of_rows(md, decode=False)
             n = idx.numel()
             no_sel = torch.zeros((n, 0), dtype=torch.int32, device=idx.device)
-            self._admit_pages(pc, md, idx, no_sel, torch.zeros(n, dtype=torch.int32, device=idx.device))
+            md.prefill_window_pages = self._key_pages(
+                pc.page_size, md, idx, no_sel, torch.zeros(n, dtype=torch.int32, device=idx.device)
+            )
+        pc.admit(md.prefill_window_pages)
 
-    def _admit_pages(self, pc: DevicePageCache, md: InfiniteHipMetadata, idx: torch.Tensor,
-                     sel: torch.Tensor, cnt: torch.Tensor) -> None:
-        """Admit the sink, window and selected pages (``sel``/``cnt``: of these blocks only) of
-        the query blocks ``idx``."""
+    def _key_pages(self, page_size: int, md: InfiniteHipMetadata, idx: torch.Tensor,
+                   sel: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+        """The sink, window and selected pages (``sel``/``cnt``: of these blocks only) of the
+        query blocks ``idx``, -1 padded."""
         cfg = self.hip_config
-        pages = key_list_pages(
+        return key_list_pages(
             md.block_table,
             md.seq_lens,
             md.qblocks.seq[idx],
@@ -432,10 +433,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             sel,
             cnt,
             sink_tokens=cfg.sink_tokens,
-            page_size=pc.page_size,
-            max_window_pages=(cfg.window_tokens + cfg.block_size_q) // pc.page_size + 2,
+            page_size=page_size,
+            max_window_pages=(cfg.window_tokens + cfg.block_size_q) // page_size + 2,
         )
-        pc.admit(pages)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -494,7 +494,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         from triton_kernels import sparse_attention as sa
 
         out = output[:n].view(n, self.num_heads, self.head_size)
-        result = sa.sparse_attention(
+        sa.sparse_attention(
             q,
             key_cache,
             value_cache,
@@ -521,8 +521,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             # (plus the window's newest tokens, read from host memory until the next refresh):
             # skipping admission there saves ~70 launches per layer on most decode steps.
             self._admit_decode_pages(pc, md, sel, sel_count)
-        if result.data_ptr() != out.data_ptr():
-            out.copy_(result)
         return output
 
     # ------------------------------------------------------------------ selection
@@ -654,6 +652,13 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             md.src_row, md.step_id,
         )
         return self._mask_cache
+
+
+def _blocks_of_rows(md: InfiniteHipMetadata, *, decode: bool) -> torch.Tensor:
+    """Device indices of the query blocks of the step's decode (or prefill) rows."""
+    is_decode = md.is_decode_row[md.qblocks_cpu.seq.long()]
+    picked = is_decode if decode else ~is_decode
+    return torch.nonzero(picked).flatten().to(md.qblocks.seq.device, non_blocking=True)
 
 
 @dataclass(frozen=True)
