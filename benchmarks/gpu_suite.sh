@@ -6,7 +6,9 @@
 #                                          # tests in the background (setsid), so it can start
 #                                          # in the first devkit staging call and overlap the rest
 #   bash benchmarks/gpu_suite.sh quality   # plugin tests, serve equality, passkey/multikey, Ray,
-#                                          # faults, offload + /metrics (collects prep's logs)
+#                                          # faults, offload + /metrics, configuration sweep
+#                                          # (collects prep's logs); PASSKEY_BACKENDS, RAY_BATCH=0,
+#                                          # SWEEP=0, SWEEP_CONFIGS=file.json trim it
 #   bash benchmarks/gpu_suite.sh offload   # Llama-3.1-8B shape, KV offload vs FLASH_ATTN (timed alone)
 #   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone)
 #
@@ -90,23 +92,37 @@ quality)
       --extra "$SMALL" --metrics-tokens 6000 --startup-timeout 240 \
       --port 8131 --log-dir "$OUT" --out "$OUT/serve_equivalence.json" >"$OUT/serve_equivalence.log" 2>&1) &
   pids+=($!)
+  # The Ray executor first (issue 7: plugin and config on a Ray worker, /metrics through Ray).
   (sleep 20; timeout "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
-      --backends FLASH_ATTN,TRITON_ATTN \
+      --backends FLASH_ATTN \
       --label 'INFINITEHIP=INFINITEHIP[ray]:{}' --run-args 'INFINITEHIP[ray]=--distributed-executor-backend ray' \
+      --label 'TRITON_ATTN=TRITON_ATTN:{}' \
       --label 'INFINITEHIP=INFINITEHIP[rope_mode=model]:{"infinitehip":{"rope_mode":"model"}}' \
       --extra "$SMALL" --metrics-tokens 6000 --startup-timeout 240 \
       --port 8134 --log-dir "$OUT" --out "$OUT/serve_equivalence_noise.json" >"$OUT/serve_equivalence_noise.log" 2>&1) &
   pids+=($!)
   # TRITON_ATTN too: its top-1 agreement with FLASH_ATTN is the noise floor for ours.
   (timeout "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --parallel --gpu-memory-utilization 0.1 $EAGER \
-      --backends INFINITEHIP,FLASH_ATTN,TRITON_ATTN --kv-cache-memory-bytes 8000000000 \
+      --backends "${PASSKEY_BACKENDS:-INFINITEHIP,FLASH_ATTN,TRITON_ATTN}" --kv-cache-memory-bytes 8000000000 \
       --lengths 4096,8192,16384,32768,65536,131072 --time-budget "$(left 40)" \
       --out "$OUT/passkey.json" --plot "$OUT/passkey.png" >"$OUT/passkey.log" 2>&1) &
   pids+=($!)
-  (sleep 40; timeout "$(left)" python3 benchmarks/ray_batch.py --model "$SMOLLM2" --num-docs 16 --doc-tokens 32768 \
-      --gpu-memory-utilization 0.08 --kv-cache-memory-bytes 6000000000 $EAGER --parallel --timeout "$(left 60)" --workdir "$OUT/ray_batch" \
-      --out "$OUT/ray_batch.json" >"$OUT/ray_batch.log" 2>&1) &
-  pids+=($!)
+  if [ "${RAY_BATCH:-1}" = 1 ]; then
+    (sleep 40; timeout "$(left)" python3 benchmarks/ray_batch.py --model "$SMOLLM2" --num-docs 16 --doc-tokens 32768 \
+        --gpu-memory-utilization 0.08 --kv-cache-memory-bytes 6000000000 $EAGER --parallel --timeout "$(left 60)" --workdir "$OUT/ray_batch" \
+        --out "$OUT/ray_batch.json" >"$OUT/ray_batch.log" 2>&1) &
+    pids+=($!)
+  fi
+  # Configurations side by side on the same passkey prompts (transformers path, same kernels),
+  # and the transformers path on the prompts the vLLM backend answered (issue 10).
+  if [ "${SWEEP:-1}" = 1 ]; then
+    (timeout "$(left)" python3 benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \
+        --lengths 16384,32768 --device cuda --out "$OUT/passkey_hf_vs_vllm_gpu.json" >"$OUT/passkey_hf_vs_vllm_gpu.log" 2>&1
+     timeout "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
+        --configs-file "${SWEEP_CONFIGS:-benchmarks/sweep_configs.json}" --time-budget "$(left 45)" \
+        --out "$OUT/passkey_sweep.json" --plot "$OUT/passkey_sweep.png" >"$OUT/passkey_sweep.log" 2>&1) &
+    pids+=($!)
+  fi
   # A KV cache of ~13K tokens (SmolLM2: 23 KB a token), under two max-length requests: the
   # KV-pressure fault must preempt (a fixed --kv-cache-memory-bytes wins over
   # --num-gpu-blocks-override, which left the H200 run without preemption).
@@ -175,7 +191,7 @@ stamp "done"
 kill "$snapper" 2>/dev/null
 snapshot
 if [ -n "$RETURN" ]; then
-  for f in serve_equivalence.json serve_equivalence_noise.json passkey.json passkey.png ray_batch.json \
+  for f in serve_equivalence.json serve_equivalence_noise.json passkey.json passkey.png passkey_sweep.png \
            fault.json offload_fa.json offload_hip.json load.json; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN/"
   done

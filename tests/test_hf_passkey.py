@@ -99,6 +99,18 @@ def test_beyond_trained_length_generate_with_dynamic_cache():
     torch.testing.assert_close(ours[0, :64], dense[0, :64], rtol=1e-4, atol=1e-4)
 
 
+def test_on_selection_sees_every_layer_and_the_pruned_selection():
+    model = _tiny_model(4)
+    hip_hf.enable_infinitehip(model, TINY_HIP)
+    seen = []
+    hip_hf.get_state(model).on_selection = lambda layer, sel: seen.append((layer, sel.exact, sel.sel_blocks.shape[0]))
+    ids = torch.randint(0, 128, (1, 300))
+    _logits(model, ids)
+    # 2 layers, one call each; 300 queries in blocks of 16; pruning chose (not exact).
+    assert [(layer, exact) for layer, exact, _ in seen] == [(0, False), (1, False)]
+    assert all(nb == -(-300 // 16) for _, _, nb in seen)
+
+
 def test_refuses_padded_batches_and_bad_options():
     model = _tiny_model(3)
     hip_hf.enable_infinitehip(model, TINY_HIP)

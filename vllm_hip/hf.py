@@ -34,12 +34,18 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from vllm_hip.api import IMPLEMENTATIONS, SCORE_NORMS, infinitehip_attention, required_rope_positions
+from vllm_hip.api import (
+    IMPLEMENTATIONS,
+    SCORE_NORMS,
+    Selection,
+    infinitehip_attention,
+    required_rope_positions,
+)
 from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.rope import RopeSpec, rope_spec_from_config, rope_tables, unrotate
 
@@ -98,6 +104,9 @@ class InfiniteHipHFState:
     """Calls whose context outgrew sink + window + k, so pruning really chose blocks."""
     max_context: int = 0
     """Longest key length seen."""
+    on_selection: Callable[[int, Selection], None] | None = None
+    """Called with ``(layer_idx, selection)`` after every attention call, for analysis (e.g.
+    ``benchmarks/passkey_sweep.py`` checks whether the needle's blocks were selected)."""
     _tables: dict = field(default_factory=dict, repr=False)
 
     def tables(self, device: torch.device, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +322,8 @@ def infinitehip_attention_forward(
     )  # fmt: skip
     if not sel.exact:
         state.pruned_calls += 1
+    if state.on_selection is not None:
+        state.on_selection(int(module.layer_idx), sel)
     return out, None
 
 
