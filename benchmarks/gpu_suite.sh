@@ -9,6 +9,8 @@
 #                                          # faults, offload + /metrics, configuration sweep
 #                                          # (collects prep's logs); PASSKEY_BACKENDS, RAY_BATCH=0,
 #                                          # SWEEP=0, SWEEP_CONFIGS=file.json trim it
+#   bash benchmarks/gpu_suite.sh configs   # passkey/multikey of every configuration in
+#                                          # benchmarks/sweep_configs.json, vLLM and transformers
 #   bash benchmarks/gpu_suite.sh offload   # Llama-3.1-8B shape, KV offload vs FLASH_ATTN (timed alone)
 #   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone)
 #
@@ -18,7 +20,7 @@
 # finished. None of its jobs reports a timing that the others could not distort, except Ray
 # batch throughput (noted in its records).
 set -uo pipefail
-part="${1:?usage: gpu_suite.sh prep|quality|offload|load}"
+part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|load}"
 PREP=/tmp/vllm_hip_prep
 # Jobs write to $OUT (a work folder); the device tool brings back at most 8 files of the folder
 # it names $OUT, so that one gets a tarball of everything (refreshed every 30 s, so a call cut
@@ -141,6 +143,33 @@ quality)
   done
   [ -f "$PREP/done" ] || echo "prep has not finished" >>"$OUT/prep_pytest_kernels.log"
   ;;
+configs)
+  # Every configuration of SWEEP_CONFIGS through vLLM (one passkey.py engine each, side by side),
+  # and through transformers (passkey_sweep.py) on the same prompts.
+  EAGER="--enforce-eager"
+  pids=()
+  cfgs="${SWEEP_CONFIGS:-benchmarks/sweep_configs.json}"
+  for name in $(python3 -c "import json,sys; print(' '.join(k for k in json.load(open(sys.argv[1])) if not k.startswith('_')))" "$cfgs"); do
+    opts=$(python3 -c "import json,sys; print(json.dumps({'infinitehip': json.load(open(sys.argv[1]))[sys.argv[2]]}))" "$cfgs" "$name")
+    mkdir -p "$OUT/cfg_$name"
+    (OUT="$OUT/cfg_$name" timeout "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --gpu-memory-utilization 0.05 $EAGER \
+        --backends INFINITEHIP --label "INFINITEHIP[$name]" --additional-config "$opts" --kv-cache-memory-bytes 6000000000 \
+        --lengths "${CONFIG_LENGTHS:-4096,8192,16384,32768,65536,131072}" --text-lengths "" --time-budget "$(left 30)" \
+        --out "$OUT/cfg_$name/passkey.json" >"$OUT/passkey_$name.log" 2>&1) &
+    pids+=($!)
+    sleep 3
+  done
+  if [ "${SWEEP:-1}" = 1 ]; then
+    (timeout "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
+        --configs-file "$cfgs" --time-budget "$(left 45)" \
+        --out "$OUT/passkey_sweep.json" --plot "$OUT/passkey_sweep.png" >"$OUT/passkey_sweep.log" 2>&1) &
+    pids+=($!)
+  fi
+  wait "${pids[@]}"
+  python3 benchmarks/passkey.py --from-raw "$(ls "$OUT"/cfg_*/passkey_raw_*.json | paste -sd,)" \
+    --out "$OUT/passkey_configs.json" --plot "$OUT/passkey_configs.png" >"$OUT/passkey_configs.log" 2>&1
+  cat "$OUT/passkey_configs.log"
+  ;;
 offload)
   stamp "start: offload benchmark"
   # FLASH_ATTN first (it bounds the comparison), then INFINITEHIP with the KV in host memory up
@@ -192,6 +221,7 @@ kill "$snapper" 2>/dev/null
 snapshot
 if [ -n "$RETURN" ]; then
   for f in serve_equivalence.json serve_equivalence_noise.json passkey.json passkey.png passkey_sweep.png \
+           passkey_configs.json passkey_configs.png \
            fault.json offload_fa.json offload_hip.json load.json; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN/"
   done

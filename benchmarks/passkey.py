@@ -87,7 +87,7 @@ def worker(args) -> int:
         kw["additional_config"] = json.loads(args.additional_config)
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0, max_tokens=12)
-    results = {"backend": args.backend, "passkey": [], "top1": {}, "device": device_name()}
+    results = {"backend": args.label or args.backend, "passkey": [], "top1": {}, "device": device_name()}
 
     def save() -> None:
         # Rewritten after every length: a run cut off by its time budget keeps what it finished.
@@ -98,7 +98,7 @@ def worker(args) -> int:
 
     # First (cheap, and the within-trained-length check): teacher-forced top-1 next token over ordinary text.
     ids = tok(english_text(args.text_tokens * 6)).input_ids
-    for n in (int(x) for x in args.text_lengths.split(",")):
+    for n in (int(x) for x in args.text_lengths.split(",") if x):
         p = ids[:n]
         out = llm.generate([{"prompt_token_ids": p}],
                            SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
@@ -223,6 +223,9 @@ def main(argv=None) -> int:
                     help="run the backends' engines at the same time (each takes "
                          "--gpu-memory-utilization of the GPU)")
     ap.add_argument("--additional-config", default=None)
+    ap.add_argument("--label", default=None,
+                    help="name of the INFINITEHIP run in the records, e.g. 'INFINITEHIP[bq16]' for a "
+                         "configuration passed with --additional-config")
     ap.add_argument("--time-budget", type=float, default=0,
                     help="seconds; then stop the workers and report the lengths they finished "
                          "(0: no limit)")
@@ -260,7 +263,8 @@ def main(argv=None) -> int:
     tmp = os.environ.get("OUT", "/tmp")
     children = []
     for b in args.backends.split(","):
-        out = os.path.join(tmp, f"passkey_raw_{b}.json")
+        name = args.label if args.label and b == "INFINITEHIP" else b
+        out = os.path.join(tmp, f"passkey_raw_{name}.json")
         if os.path.exists(out):  # a worker that dies early must not report an older run's file
             os.remove(out)
         env = dict(os.environ)
@@ -276,10 +280,12 @@ def main(argv=None) -> int:
             child += ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
         if args.additional_config and b == "INFINITEHIP":
             child += ["--additional-config", args.additional_config]
+        if args.label and b == "INFINITEHIP":
+            child += ["--label", args.label]
         proc = subprocess.Popen(child, env=env)
         if not args.parallel:
             proc.wait()
-        children.append((b, out, proc))
+        children.append((name, out, proc))
     deadline = time.time() + args.time_budget if args.time_budget > 0 else None
     for b, out, proc in children:
         try:
