@@ -151,7 +151,13 @@ class InfiniteHipConfig:
     """k in the early layers (multiple of ``block_size_k``)."""
 
     block_size_q: int = 64
-    """Queries per query block in prefill: a block shares one selection. Power of two in [16, 128]."""
+    """Queries per query block in prefill: a block shares one selection. Power of two in [16, 128].
+    64 is the paper's. On SmolLM2 through vLLM (H200, 10 prompts a cell) 16 found the passkey at
+    8K/16K/32K/64K/128K in 100/80/50/70/20% of prompts against 80/80/10/40/0% with 64 (multi-key
+    50/80/40/10% against 20/30/20/10% at 16K-128K) for 5-15% more prefill time at 64K-128K: the
+    prompt's last block then holds the question, not 60 filler tokens with it
+    (benchmarks/results/passkey_configs_h200.json). Not yet the default: the CPU demo and test have
+    not been measured with it."""
 
     block_size_k: int = 8
     """Tokens per selected key block. Power of two in [8, 64]; must divide the KV page size."""
