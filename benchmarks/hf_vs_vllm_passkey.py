@@ -3,18 +3,18 @@
 Reads the per-prompt file that ``benchmarks/passkey.py`` wrote for INFINITEHIP through vLLM
 (``passkey_raw_INFINITEHIP*.json``), rebuilds each prompt of the chosen lengths from its length,
 depth and key (the same SmolLM2 tokenizer must give the same token count, else the prompt is
-skipped and said so), answers it with SmolLM2 in Hugging Face transformers with InfiniteHiP (same default config; by
-default through ``enable_infinitehip``, which hands RoPE to the kernels as the vLLM backend does;
-``--rope unrotate`` takes ``attn_implementation="infinitehip"`` by name, where transformers rotates
-q/k with bf16 cos/sin first) on the CPU or a GPU, and compares prompt by prompt: found by both, by
-one, by neither::
+skipped and said so), answers it with SmolLM2 in Hugging Face transformers with InfiniteHiP (same
+default config) on the CPU or a GPU, and compares prompt by prompt: found by both, by one, by
+neither. By default RoPE is handed to the kernels (``enable_infinitehip``), as the vLLM backend
+does; ``--rope unrotate`` takes ``attn_implementation="infinitehip"`` by name instead, where
+transformers rotates q/k with bf16 cos/sin first and the attention rotates them back::
 
     python benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \\
         --lengths 16384 --out benchmarks/results/passkey_hf_vs_vllm.json
 
-About 2 minutes per 16K prompt on 2 CPU cores. Records: ``passkey_accuracy`` of both paths over
-the prompts compared, and ``passkey_agreement`` (fraction of prompts where both are right or
-both wrong).
+3-6 minutes per 16K prompt on 2 CPU cores, about 1 s on an H200 (``--device cuda``). Records:
+``passkey_accuracy`` of both paths over the prompts compared, and ``passkey_agreement`` (fraction
+of prompts where both are right or both wrong).
 """
 
 from __future__ import annotations

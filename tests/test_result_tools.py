@@ -120,3 +120,32 @@ def test_serve_equivalence_run_args_reach_only_their_run(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         se.main(["--model", "m", "--run-args", "NOPE=--x", "--log-dir", str(tmp_path)])
     assert "names no run" in capsys.readouterr().err
+
+
+def test_passkey_sweep_probe_and_records_count_only_prompts_every_config_answered():
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks import passkey_sweep
+
+    def sel(starts, w0, exact=False):
+        return SimpleNamespace(
+            qblocks=SimpleNamespace(pos=torch.tensor([0, 64]), window_start=torch.tensor([256, w0])),
+            sel_blocks=torch.tensor([[-1] * 3, starts + [-1] * (3 - len(starts))]),
+            sel_count=torch.tensor([0, len(starts)]), exact=exact)
+
+    probe = passkey_sweep.NeedleProbe(needle_start=1000, sink_tokens=256, block_size_k=8)
+    probe(0, sel([992], 5000))   # block 992..999 ends before the needle: missed
+    probe(1, sel([1008], 5000))  # inside the needle's 16 tokens: seen
+    probe(2, sel([], 900))       # needle inside the window: seen
+    probe(0, sel([], 5000, exact=True))  # next pass (decode): exact attention sees everything
+    assert probe.summary() == {"prefill_layers_seeing_needle": 2, "decode1_layers_seeing_needle": 1}
+
+    rows = [dict(config=c, length=n, depth=d, key="1", correct=ok, prefill_layers_seeing_needle=3)
+            for c, n, d, ok in [("a", 100, 0.1, True), ("b", 100, 0.1, False), ("a", 100, 0.5, True)]]
+    recs = passkey_sweep.accuracy_records(rows, {"a": {}, "b": {"block_size_q": 16}}, {"device": "x"})
+    # depth 0.5 was answered by "a" only: left out, so both configurations cover the same prompt
+    assert [(r["backend"], r["value"], r["trials"]) for r in recs] == [
+        ("INFINITEHIP[a]", 1.0, 1), ("INFINITEHIP[b]", 0.0, 1)]
+    assert recs[1]["options"] == {"block_size_q": 16} and recs[0]["mean_layers_seeing_needle"] == 3
