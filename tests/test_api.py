@@ -126,6 +126,24 @@ def test_triton_path_equals_reference():
     torch.testing.assert_close(out_k, out_r, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_split_last_query_changes_only_the_last_block(impl):
+    """split_last_query: the last query gets its own selection (as a decode step would); the
+    queries before its old block are untouched, and the last query equals a decode step's."""
+    cfg, split = _cfg(), _cfg(split_last_query=True)
+    t, q_len = 300, 40  # 40 queries at 260..299: blocks 256..271, 272..287, 288..299
+    q, k, v = _qkv(1, t, q_len, 4, 2, 64, seed=5)
+    tables = _tables(cfg, t)
+    kw = dict(rope=tables, layer_idx=1, impl=impl, page_size=16, return_selection=True)
+    out_a, sel_a = infinitehip_attention(q, k, v, cfg, **kw)
+    out_b, sel_b = infinitehip_attention(q, k, v, split, **kw)
+    assert sel_b.qblocks.q_len.tolist() == sel_a.qblocks.q_len.tolist()[:-1] + [11, 1]
+    torch.testing.assert_close(out_b[:, :28], out_a[:, :28], rtol=0, atol=0)
+    decode, sel_d = infinitehip_attention(q[:, -1:], k, v, cfg, **kw)
+    assert torch.equal(sel_b.sel_blocks[-1].cpu(), sel_d.sel_blocks[-1].cpu())
+    torch.testing.assert_close(out_b[:, -1:], decode, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ exactness
 @pytest.mark.parametrize("impl", ["torch", "reference"])
 @pytest.mark.parametrize("rope", [False, True], ids=["model", "streaming"])

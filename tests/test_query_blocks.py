@@ -40,3 +40,26 @@ def test_chunked_prefill_changes_only_the_block_that_straddles_the_cut(cut):
     pieces = {(p, m) for p, m in two if cut % BQ and p // BQ == cut // BQ}  # its two halves
     assert len(straddling) == (1 if cut % BQ else 0) and len(pieces) == 2 * len(straddling)
     assert one - straddling == two - pieces
+
+
+def test_split_last_gives_each_sequence_last_query_its_own_block():
+    q_lens, seq_lens = [70, 1, 30, 16], [70, 500, 130, 48]
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
+    plain = build_query_blocks(qsl, torch.tensor(seq_lens), block_size_q=BQ, sink_tokens=4, window_tokens=32)
+    split = build_query_blocks(qsl, torch.tensor(seq_lens), block_size_q=BQ, sink_tokens=4, window_tokens=32,
+                               split_last=True)
+    for s, (n, end) in enumerate(zip(q_lens, seq_lens)):
+        rows = (split.seq == s).nonzero().flatten()
+        pos, q_len = split.pos[rows].tolist(), split.q_len[rows].tolist()
+        assert (pos[-1], q_len[-1]) == (end - 1, 1)  # the last query alone
+        assert [p + i for p, m in zip(pos, q_len) for i in range(m)] == list(range(end - n, end))
+        # every other block as without the split, the last one a query shorter (decode rows and
+        # blocks that already held one query are left as they were)
+        old = (plain.seq == s).nonzero().flatten()
+        old_pos, old_len = plain.pos[old].tolist(), plain.q_len[old].tolist()
+        if old_len[-1] == 1:
+            assert (pos, q_len) == (old_pos, old_len)
+        else:
+            assert pos[:-1] == old_pos and q_len[:-2] == old_len[:-1] and q_len[-2] == old_len[-1] - 1
+    assert split.q_start.tolist() == sorted(split.q_start.tolist())
+    assert split.window_start.tolist() == [max(4, p - 32 + 1) for p in split.pos.tolist()]

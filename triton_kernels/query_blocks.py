@@ -83,6 +83,7 @@ def build_query_blocks(
     sink_tokens: int,
     window_tokens: int,
     device: torch.device | str | None = None,
+    split_last: bool = False,
 ) -> QueryBlocks:
     """Cut each sequence's new queries into blocks of at most ``block_size_q``.
 
@@ -96,6 +97,10 @@ def build_query_blocks(
         From :class:`vllm_hip.config.InfiniteHipConfig`.
     device : optional
         Where the int32 descriptors go (default: the host).
+    split_last : bool
+        Give the last new query of each sequence a block of its own (it predicts the next token;
+        alone, it gets a selection of its own, as a decode query does, instead of sharing one
+        with up to ``block_size_q - 1`` queries before it).
 
     Returns
     -------
@@ -128,6 +133,19 @@ def build_query_blocks(
     q_len = torch.where(is_head, head[seq],
                         torch.minimum(q_lens[seq] - offset, torch.tensor(block_size_q)))
     pos = first_pos[seq] + offset
+    if split_last and nb:
+        last = (torch.cumsum(blocks_per_seq, 0) - 1)[blocks_per_seq > 0]
+        split = last[q_len[last] > 1]
+        if split.numel():
+            q_len = q_len.clone()
+            q_len[split] -= 1
+            # the new one-query blocks go right after the blocks they were cut from
+            order = torch.argsort(torch.cat([torch.arange(nb) * 2, split * 2 + 1]))
+            seq = torch.cat([seq, seq[split]])[order]
+            q_start = torch.cat([q_start, q_start[split] + q_len[split]])[order]
+            pos = torch.cat([pos, pos[split] + q_len[split]])[order]
+            q_len = torch.cat([q_len, torch.ones_like(split)])[order]
+            nb += int(split.numel())
     window_start = torch.clamp(pos - window_tokens + 1, min=sink_tokens)
     dev = torch.device("cpu") if device is None else torch.device(device)
 

@@ -279,7 +279,7 @@ def infinitehip_attention(
     qsl = torch.arange(b + 1, dtype=torch.int32) * q_len
     qb_cpu = build_query_blocks(
         qsl, seq_lens_cpu, block_size_q=config.block_size_q, sink_tokens=config.sink_tokens,
-        window_tokens=config.window_tokens,
+        window_tokens=config.window_tokens, split_last=config.split_last_query,
     )  # fmt: skip
     qb = qb_cpu.to(dev)
     mask_rope = mask_rope_for_layer(config, layer_idx, rope is not None)

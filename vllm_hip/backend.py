@@ -181,6 +181,7 @@ def build_metadata(
         block_size_q=cfg.block_size_q,
         sink_tokens=cfg.sink_tokens,
         window_tokens=cfg.window_tokens,
+        split_last=cfg.split_last_query,
     )
     if positions is None:
         positions = _positions_from(qsl_cpu, seq_lens_cpu).to(device, non_blocking=True)

@@ -159,6 +159,12 @@ class InfiniteHipConfig:
     (benchmarks/results/passkey_configs_h200.json). Not yet the default: the CPU demo and test have
     not been measured with it."""
 
+    split_last_query: bool = False
+    """Give the last query of each prefill chunk a query block of its own. That query predicts the
+    first generated token; alone, it gets its own selection (as every decode query does) instead
+    of sharing one with up to ``block_size_q - 1`` queries before it. Costs one more block per
+    request and step."""
+
     block_size_k: int = 8
     """Tokens per selected key block. Power of two in [8, 64]; must divide the KV page size."""
 
@@ -295,7 +301,7 @@ class InfiniteHipConfig:
         _check_int("decode_splits", self.decode_splits, 0, 256)
         _check_choice("rope_mode", self.rope_mode, ("streaming", "model"))
         _check_choice("score_norm", self.score_norm, ("head_max", "none"))
-        for name in ("allow_long_context", "export_metrics", "offload"):
+        for name in ("allow_long_context", "export_metrics", "offload", "split_last_query"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"infinitehip.{name}={getattr(self, name)!r} is invalid: must be true or false"
