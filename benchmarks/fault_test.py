@@ -17,12 +17,16 @@ the server reacted as expected *and* the liveness check held.
     unknown_model           a model name that is not served                   404 or 400
     disconnect_mid_stream   16 streams dropped after 2 chunks                 aborted: running -> 0
     disconnect_waiting      16 plain requests dropped after 0.5 s             aborted: running -> 0
-    kv_pressure             48 long requests at once (preemption)             all 200, outputs = alone
+    kv_pressure             48 long requests at once, each generating 1024    all 200, outputs = alone
+                            tokens (ignore_eos): decode outgrows the cache
 
-KV-cache pressure needs a cache smaller than the burst. The ``--launch`` default serves with
-``--max-model-len 8192 --num-gpu-blocks-override 1024`` (1024 blocks x 16 tokens = 16K tokens of KV
-for 48 requests of ~4000 tokens: the scheduler must preempt and recompute); a server you start
-yourself needs the same. Preemptions are counted from ``/metrics`` (``vllm:num_preemptions_total``);
+KV-cache pressure needs a cache smaller than the burst. vLLM admits a request only when its prompt
+fits, so preemption happens in decode, when the running requests need more blocks than are free:
+the burst's requests generate ``--pressure-new-tokens`` each past any EOS. The ``--launch`` default
+serves with ``--max-model-len 8192 --num-gpu-blocks-override 1024`` (16K tokens of KV for 48
+requests of ~4000 + 1024 tokens); a fixed ``--kv-cache-memory-bytes`` wins over the override
+(``gpu_suite.sh`` gives 300 MB, ~13K tokens of SmolLM2). A server you start yourself needs as small
+a cache. Preemptions are counted from ``/metrics`` (``vllm:num_preemptions_total``);
 "preemptions 0" in the table means the burst fit. With max_model_len 8192 the long probe (6000
 tokens) and the burst exceed INFINITEHIP's exact range (sink + window + k), so the sparse path runs.
 
@@ -81,6 +85,7 @@ class Ctx:
     drain_timeout_s: float = 10.0
     pressure_requests: int = 48
     pressure_prompt_tokens: int = 4000
+    pressure_new_tokens: int = 1024
 
 
 @dataclass
@@ -331,18 +336,23 @@ async def _disconnect(ctx: Ctx, stream: bool) -> Outcome:
 
 async def f_kv_pressure(ctx: Ctx) -> Outcome:
     tokens = min(ctx.pressure_prompt_tokens, ctx.max_model_len // 2)
-    # Distinct documents: no prefix sharing, so every request needs its own KV blocks.
-    prompts = [await sized_prompt(ctx, 1000 + i, tokens, 64) for i in range(ctx.pressure_requests)]
+    new = max(min(ctx.pressure_new_tokens, ctx.max_model_len - tokens - 64), 1)
+    # Distinct documents: no prefix sharing, so every request needs its own KV blocks. vLLM admits
+    # a request only when its prompt fits, so preemption comes from decode: every request keeps
+    # generating (ignore_eos) until the running ones outgrow the cache.
+    prompts = [await sized_prompt(ctx, 1000 + i, tokens, new) for i in range(ctx.pressure_requests)]
+    grow = {"ignore_eos": True}
     before = await metric_sum(ctx, "vllm:num_preemptions_total")
     results = await asyncio.gather(*(send(ctx.session, ctx.base, ctx.model, p, stream=i % 2 == 1,
-                                          timeout=ctx.timeout_s) for i, p in enumerate(prompts)))  # fmt: skip
+                                          timeout=ctx.timeout_s, extra=grow) for i, p in enumerate(prompts)))  # fmt: skip
     after = await metric_sum(ctx, "vllm:num_preemptions_total")
     bad = [r for r in results if r.kind != "ok"]
     errs = sum(1 for r in results if r.kind == "server_error")
     mism = 0
     for p, r in list(zip(prompts, results))[:6]:  # greedy output after preemption = output alone
         if r.kind == "ok":
-            solo = await send(ctx.session, ctx.base, ctx.model, p, stream=False, timeout=ctx.timeout_s)
+            solo = await send(ctx.session, ctx.base, ctx.model, p, stream=False, timeout=ctx.timeout_s,
+                              extra=grow)
             mism += int(solo.kind == "ok" and solo.text != r.text)
             errs += int(solo.kind == "server_error")
     pre = "?" if before is None or after is None else f"{after - before:.0f}"
@@ -381,7 +391,7 @@ async def prepare(session: aiohttp.ClientSession, base: str, opts: argparse.Name
         session, base, opts.model_name or model, int(max_len or opts.max_model_len),
         (n / 2000) if n else 1.3, timeout_s=opts.request_timeout,
         drain_timeout_s=opts.drain_timeout, pressure_requests=opts.pressure_requests,
-        pressure_prompt_tokens=opts.pressure_prompt_tokens,
+        pressure_prompt_tokens=opts.pressure_prompt_tokens, pressure_new_tokens=opts.pressure_new_tokens,
     )  # fmt: skip
     long_tokens = min(ctx.max_model_len * 3 // 4, 6000)
     ctx.probes = {"short": Prompt(-1, "The capital of France is", 24),
@@ -480,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pressure-requests", type=int, default=48)
     ap.add_argument("--pressure-prompt-tokens", type=int, default=4000,
                     help="prompt length of the kv_pressure burst (at most max_model_len / 2)")
+    ap.add_argument("--pressure-new-tokens", type=int, default=1024,
+                    help="tokens each kv_pressure request generates (ignore_eos): decode growth is "
+                         "what makes vLLM preempt")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)

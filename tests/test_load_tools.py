@@ -64,6 +64,8 @@ class Injected:
     running: int = 0
     resident: int = 0
     preemptions: int = 0
+    ignore_eos: int = 0
+    """Requests that asked to generate past EOS."""
     dead: bool = False
     prompt_lens: list[int] = field(default_factory=list)
 
@@ -149,6 +151,7 @@ class FakeServer:
             self.n.http_500 += 1
             return _err(500, "injected failure")
         self.n.prompt_lens.append(plen)
+        self.n.ignore_eos += bool(body.get("ignore_eos"))
         n = max(min(body.get("max_tokens", 16), self.max_model_len - plen), 1)
         drift = f.drift and self.n.running > 0
         toks = self.output(prompt, n, drift)
@@ -408,7 +411,8 @@ def test_launch_mode_serves_each_backend_in_turn(tmp_path):
 # ------------------------------------------------------------------------------------ fault tool
 def _fault_args(url: str, out: str, *extra: str) -> list[str]:
     return ["--base-url", url, "--backend", "FAKE", "--device", "test-cpu", "--drain-timeout", "2",
-            "--pressure-requests", "12", "--pressure-prompt-tokens", "120", "--out", out, *extra]  # fmt: skip
+            "--pressure-requests", "12", "--pressure-prompt-tokens", "120", "--pressure-new-tokens", "32",
+            "--out", out, *extra]  # fmt: skip
 
 
 def test_faults_all_pass_on_a_well_behaved_server(tmp_path):
@@ -424,6 +428,8 @@ def test_faults_all_pass_on_a_well_behaved_server(tmp_path):
     assert recs[("FAKE", "server_errors")]["value"] == 0
     assert observed["too_long_prompt"].startswith("400: ") and "longer than" in observed["too_long_prompt"]
     assert fake.n.preemptions > 0 and "preemptions 0" not in passed["kv_pressure"]["observed"]
+    # the burst and its solo re-sends grow in decode (past EOS): that is what preempts in vLLM
+    assert fake.n.ignore_eos == 12 + 6  # the 12 of the burst and 6 solo re-sends
     assert fake.n.running == 0
 
 
