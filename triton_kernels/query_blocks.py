@@ -18,6 +18,9 @@ query: a chunk that starts mid-block gets a short first block up to the next bou
 vLLM's scheduler cuts a prompt into chunks (which depends on what else is in the batch) changes
 only the block that straddles the cut, not every block after it, and a prompt prefilled in
 chunks selects (nearly) what it selects in one pass.
+
+With ``split_last`` the last new query of each sequence is cut off into a block of its own: it
+predicts the next token, and alone it gets a selection made for it, as a decode query does.
 """
 
 from __future__ import annotations
