@@ -130,7 +130,7 @@ def test_triton_path_equals_reference():
 def test_split_last_query_changes_only_the_last_block(impl):
     """split_last_query: the last query gets its own selection (as a decode step would); the
     queries before its old block are untouched, and the last query equals a decode step's."""
-    cfg, split = _cfg(), _cfg(split_last_query=True)
+    cfg, split = _cfg(split_last_query=False), _cfg(split_last_query=True)
     t, q_len = 300, 40  # 40 queries at 260..299: blocks 256..271, 272..287, 288..299
     q, k, v = _qkv(1, t, q_len, 4, 2, 64, seed=5)
     tables = _tables(cfg, t)
@@ -221,11 +221,12 @@ def test_streaming_preset_attends_sink_and_window_only(impl, rope):
     # Masked dense reference: query p of a block with first position p0 sees keys < 16 and
     # [W0, p], W0 = max(16, p0 - 63); with RoPE, window keys at their true positions, sink keys
     # renumbered to end just before W0. Blocks are aligned to multiples of 16 (the first query,
-    # at 300, starts a short block up to 304).
+    # at 300, starts a short block up to 304); the last query has a block of its own
+    # (split_last_query, the default).
     expect = torch.empty(2, q_len, 4, 64, device=DEV)
     keys = torch.arange(t, device=DEV)
     first = t - q_len
-    bounds = [first, *range((first // 16 + 1) * 16, t, 16), t]
+    bounds = [first, *range((first // 16 + 1) * 16, t, 16), t - 1, t]
     for a, b in zip(bounds[:-1], bounds[1:]):
         rows = slice(a - first, b - first)
         p = torch.arange(a, b, device=DEV)

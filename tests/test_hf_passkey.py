@@ -106,9 +106,10 @@ def test_on_selection_sees_every_layer_and_the_pruned_selection():
     hip_hf.get_state(model).on_selection = lambda layer, sel: seen.append((layer, sel.exact, sel.sel_blocks.shape[0]))
     ids = torch.randint(0, 128, (1, 300))
     _logits(model, ids)
-    # 2 layers, one call each; 300 queries in blocks of 16; pruning chose (not exact).
+    # 2 layers, one call each; 300 queries in blocks of 16, the last query in one of its own
+    # (split_last_query); pruning chose (not exact).
     assert [(layer, exact) for layer, exact, _ in seen] == [(0, False), (1, False)]
-    assert all(nb == -(-300 // 16) for _, _, nb in seen)
+    assert all(nb == -(-300 // 16) + 1 for _, _, nb in seen)
 
 
 def test_refuses_padded_batches_and_bad_options():
