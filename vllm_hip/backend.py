@@ -81,10 +81,9 @@ class InfiniteHipMetadata:
     src_row: torch.Tensor | None
     """[num_reqs] int64 (device): last step's row of each row, -1 if unknown (mask cache)."""
     step_id: int
-    plans: dict[int, RefreshPlan | None] = field(default_factory=dict)
-    """Refresh plan per k (filled lazily by the first layer that uses that k)."""
-    device_plans: dict[int, Any] = field(default_factory=dict)
-    """The same plans' index tensors on the device (``_DevicePlan``), made once per step."""
+    plans: dict[int, tuple[RefreshPlan, Any]] = field(default_factory=dict)
+    """Refresh plan per k and its index tensors on the device (``_DevicePlan``): made once per
+    step by the first layer that uses that k."""
     all_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
     decode_blocks: torch.Tensor | None = None
@@ -574,8 +573,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             score_norm=cfg.score_norm,
             page_cache=page_cache,  # offload: mask estimation reads hot pages from the GPU
         )
-        plan = md.plans.get(k_tokens)
-        if plan is None:
+        if k_tokens not in md.plans:
             plan = plan_refresh(
                 qb_cpu,
                 md.is_decode_row,
@@ -584,14 +582,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 window_tokens=cfg.window_tokens,
                 k_tokens=k_tokens,
             )
-            md.plans[k_tokens] = plan
+            md.plans[k_tokens] = (plan, _DevicePlan.of(plan, qb, qb_cpu))
+        plan, dev_plan = md.plans[k_tokens]
         cache = self._layer_mask_cache(stages, md, q.device)
 
         nb = qb_cpu.num_blocks
         width = k_tokens // cfg.block_size_k
-        dev_plan = md.device_plans.get(k_tokens)
-        if dev_plan is None:
-            dev_plan = md.device_plans[k_tokens] = _DevicePlan.of(plan, qb, qb_cpu)
         if plan.reuse.numel() == nb and width <= cache.sel.shape[1]:
             # Every block reuses its row's selection (most decode steps): two gathers.
             r = dev_plan.reuse_rows
