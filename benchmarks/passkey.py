@@ -66,11 +66,11 @@ def worker(args) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_hip.passkey import (
+        benchmark_passkey,
         make_multikey_prompt,
         make_passkey_prompt,
         multikey_correct,
         passkey_correct,
-        random_passkey,
     )
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -113,7 +113,7 @@ def worker(args) -> int:
             for d in DEPTHS:
                 for rep in range(args.keys):
                     if task == "passkey":
-                        key = random_passkey(seed=hash((n, d, rep)) % (2**31))
+                        key = benchmark_passkey(n, d, rep)
                         prompts.append(make_passkey_prompt(tok, n, d, key))
                     else:
                         prompts.append(make_multikey_prompt(tok, n, d, seed=hash((n, d, rep, 1)) % (2**31)))

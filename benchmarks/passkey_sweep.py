@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import vllm_hip.hf as hip_hf
-    from vllm_hip.passkey import find_passkey, make_passkey_prompt, passkey_correct, random_passkey
+    from vllm_hip.passkey import find_passkey, make_passkey_prompt, passkey_correct, benchmark_passkey
     from vllm_hip.smollm2 import smollm2_path
 
     path = args.model or os.environ.get("SMOLLM2") or str(smollm2_path())
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.time_budget and time.time() - t0 > args.time_budget:
             print(f"time budget reached after {len(rows) // len(configs)} of {len(jobs)} prompts", flush=True)
             break
-        key = random_passkey(seed=hash((n, d, rep)) % (2**31))  # benchmarks/passkey.py's keys
+        key = benchmark_passkey(n, d, rep)
         prompt = make_passkey_prompt(tok, n, d, key)
         for name, options in configs.items():
             hip_hf.enable_infinitehip(model, options)

@@ -25,6 +25,7 @@ __all__ = [
     "PasskeyPrompt",
     "make_passkey_prompt",
     "random_passkey",
+    "benchmark_passkey",
     "passkey_correct",
     "find_passkey",
     "make_multikey_prompt",
@@ -92,6 +93,12 @@ def random_passkey(seed: int, digits: int = 5) -> str:
     """A reproducible key of ``digits`` digits (no leading zero)."""
     rng = random.Random(seed)
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def benchmark_passkey(length: int, depth: float, rep: int) -> str:
+    """The key of prompt ``rep`` at (``length``, ``depth``) in ``benchmarks/passkey.py`` and the
+    tools that replay its prompts (``passkey_sweep.py``): one rule, so they ask the same question."""
+    return random_passkey(seed=hash((length, depth, rep)) % (2**31))
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
