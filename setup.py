@@ -60,7 +60,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_hip", "vllm_hip.*", "triton_kernels", "triton_kernels.*"]),
+    # The Triton kernels live in the folder triton_kernels/ but install as ``vllm_hip_kernels``:
+    # a top-level ``triton_kernels`` module would shadow the OpenAI triton_kernels that vLLM
+    # bundles (vllm.third_party.triton_kernels, imported only when no top-level one exists) and
+    # break vLLM's MXFP4 MoE path for every model, not just ours.
+    packages=find_packages(include=["vllm_hip", "vllm_hip.*"]) + ["vllm_hip_kernels"],
+    package_dir={"vllm_hip_kernels": "triton_kernels"},
     package_data={"vllm_hip": ["py.typed"]},
     install_requires=[
         "vllm==0.26.0",

@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from triton_kernels.prune import select_blocks  # noqa: E402
-from triton_kernels.query_blocks import build_query_blocks  # noqa: E402
-from triton_kernels.sparse_attention import sparse_attention  # noqa: E402
+from vllm_hip_kernels.prune import select_blocks  # noqa: E402
+from vllm_hip_kernels.query_blocks import build_query_blocks  # noqa: E402
+from vllm_hip_kernels.sparse_attention import sparse_attention  # noqa: E402
 from vllm_hip.config import InfiniteHipConfig  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128

@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from triton_kernels.prune_reference import select_blocks_reference  # noqa: E402
-from triton_kernels.query_blocks import build_query_blocks  # noqa: E402
+from vllm_hip_kernels.prune_reference import select_blocks_reference  # noqa: E402
+from vllm_hip_kernels.query_blocks import build_query_blocks  # noqa: E402
 from vllm_hip import api  # noqa: E402
 from vllm_hip.api import infinitehip_attention, required_rope_positions  # noqa: E402
 from vllm_hip.config import InfiniteHipConfig  # noqa: E402
@@ -187,7 +187,7 @@ def test_pruning_keeps_everything_while_it_fits():
 
 def test_bf16_error_within_twice_torch_own():
     """bf16 inputs: error against an fp32 run of the same selection <= 2 x PyTorch's own bf16 error."""
-    from triton_kernels.sparse_attention_reference import sparse_attention_reference
+    from vllm_hip_kernels.sparse_attention_reference import sparse_attention_reference
 
     cfg = _cfg()
     t = 640

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
-from triton_kernels.prune_reference import select_blocks_reference  # noqa: E402
-from triton_kernels.sparse_attention_reference import (  # noqa: E402
+from vllm_hip_kernels.prune_reference import select_blocks_reference  # noqa: E402
+from vllm_hip_kernels.sparse_attention_reference import (  # noqa: E402
     dense_causal_attention_reference,
     sparse_attention_reference,
 )
@@ -27,6 +28,7 @@ from vllm_hip.backend import (  # noqa: E402
     write_kv_cache,
 )
 from vllm_hip.config import InfiniteHipConfig  # noqa: E402
+from vllm_hip import prefill_lens  # noqa: E402
 from vllm_hip import stats as hip_stats  # noqa: E402
 from vllm_hip.masks import RowTracker  # noqa: E402
 
@@ -529,3 +531,64 @@ def test_chunked_prefill_attends_like_one_pass_after_the_cut_block():
         outs.append(torch.cat(got))
     after = (cut // 16 + 1) * 16
     assert torch.allclose(outs[0][after:], outs[1][after:], atol=1e-5), (outs[0][after:] - outs[1][after:]).abs().max()
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_aligned_chunks_attend_like_one_pass_when_the_prefill_end_is_known(published):
+    """With chunk cuts on query-block boundaries (vllm_hip.scheduler) and the prefill lengths
+    published by the model runner (vllm_hip.prefill_lens), only the chunk that ends the prompt
+    splits off its last query: every query attends as in one pass. Without the prefill lengths
+    the last query of the first chunk is split off too, and its block attends differently."""
+    cfg = small_sparse_config()
+    hq, hkv, d = 4, 2, 64
+    n, cut = 700, 336  # a multiple of block_size_q=16
+    layer = FakeLayer(3)
+    outs = []
+    for spans in ([(0, n)], [(0, cut), (cut, n)]):
+        batch = PagedBatch([n], hq, hkv, d, torch.float32, seed=9)
+        impl = make_impl(cfg, hq, hkv, d)
+        got = []
+        for lo, hi in spans:
+            if published:
+                with prefill_lens.publishing([n]):
+                    md, q, k, v = batch.step(cfg, [(0, lo, hi)])
+            else:
+                md, q, k, v = batch.step(cfg, [(0, lo, hi)])
+            assert int(md.qblocks_cpu.q_len[-1]) == (1 if hi == n or not published else 16)
+            got.append(run_impl(impl, layer, batch, md, q, k, v))
+        outs.append(torch.cat(got))
+    err = (outs[0] - outs[1]).abs().amax(dim=(1, 2))
+    if published:
+        assert err.max().item() < 1e-5, err.max()
+    else:
+        assert err[cut - 16 : cut].max().item() > 1e-3  # the block the split changed
+        assert err[cut:].max().item() < 1e-5
+
+
+def test_prefill_lens_reach_the_builder_only_while_the_runner_builds():
+    """The runner hook publishes each row's prefill length around the runner's metadata build;
+    rows whose chunk reaches it split their last query, the others do not."""
+    class Runner:
+        def prepare_attn(self, input_batch):
+            return prefill_lens.split_rows(torch.tensor([100, 64, 5]), True)
+
+    prefill_lens._wrap(Runner, "prepare_attn", prefill_lens._v2_lens)
+    prefill_lens._wrap(Runner, "prepare_attn", prefill_lens._v2_lens)  # idempotent
+    batch = SimpleNamespace(prefill_len_np=np.array([100, 128, 5, 7]), num_reqs=3)
+    assert Runner().prepare_attn(batch).tolist() == [True, False, True]
+    assert prefill_lens.current() is None
+    assert prefill_lens.split_rows(torch.tensor([100]), True) is True  # unknown: every chunk end
+    assert prefill_lens.split_rows(torch.tensor([100]), False) is False
+    # An input batch without the field (another vLLM layout): no lengths, the step still runs.
+    assert Runner().prepare_attn(SimpleNamespace(num_reqs=1)) is True
+
+
+def test_prefill_lens_hooks_the_real_runners():
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    prefill_lens.install()
+    prefill_lens.install()
+    for owner, name in ((DefaultModelState, "prepare_attn"), (GPUModelRunner, "_build_attention_metadata")):
+        fn = getattr(owner, name)
+        assert fn._vllm_hip and not getattr(fn.__wrapped__, "_vllm_hip", False)

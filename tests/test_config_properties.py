@@ -109,6 +109,7 @@ def valid_options(draw, selection: bool | None = None) -> dict:
         "early_selected_tokens": early_selected,
         "block_size_q": bq,
         "split_last_query": draw(st.booleans()),
+        "align_prefill_chunks": draw(st.booleans()),
         "block_size_k": bk,
         "refresh": draw(st.sampled_from(sorted(REFRESH_PRESETS))),
         "stages": stages,
@@ -223,7 +224,8 @@ def one_bad_field(draw):
         choices = ["preset", "refresh", "sink_tokens", "window_tokens", "selected_tokens",
                    "early_selected_tokens", "early_layers", "decode_splits", "block_size_q",
                    "block_size_k", "rope_mode", "score_norm", "allow_long_context", "export_metrics", "offload",
-                   "split_last_query", "offload_gpu_cache_tokens", "unknown", "stages"]  # fmt: skip
+                   "split_last_query", "align_prefill_chunks", "offload_gpu_cache_tokens", "unknown",
+                   "stages"]  # fmt: skip
     kind = draw(st.sampled_from(choices))
     simple = {
         "preset": bad_choice(tuple(PRESETS)),
@@ -242,6 +244,7 @@ def one_bad_field(draw):
         "export_metrics": NOT_BOOL,
         "offload": NOT_BOOL,
         "split_last_query": NOT_BOOL,
+        "align_prefill_chunks": NOT_BOOL,
     }
     if kind in simple:
         value = draw(simple[kind])
@@ -393,6 +396,7 @@ FIELD_VALUES = {
     "decode_splits": (st.integers(0, 256), st.one_of(st.integers(-2, 300), NOT_INT)),
     "offload": (st.booleans(), NOT_BOOL),
     "split_last_query": (st.booleans(), NOT_BOOL),
+    "align_prefill_chunks": (st.booleans(), NOT_BOOL),
     "offload_gpu_cache_tokens": (GOOD_TOKENS, BAD_TOKENS),
     "stages": (
         st.lists(STAGE, max_size=4).map(lambda l: sorted(l, key=lambda s: -s["chunk_size"])),

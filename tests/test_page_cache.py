@@ -15,9 +15,9 @@ if DEV == "cpu":
 
 from test_sparse_attention import POISON, check_against_reference, make_case  # noqa: E402
 
-from triton_kernels.page_copy import copy_pages, copy_pages_reference  # noqa: E402
-from triton_kernels.cached_pages import COUNTER_SLOTS, CachedPages  # noqa: E402
-from triton_kernels.sparse_attention import sparse_attention  # noqa: E402
+from vllm_hip_kernels.page_copy import copy_pages, copy_pages_reference  # noqa: E402
+from vllm_hip_kernels.cached_pages import COUNTER_SLOTS, CachedPages  # noqa: E402
+from vllm_hip_kernels.sparse_attention import sparse_attention  # noqa: E402
 from vllm_hip.page_cache import COUNTER_NAMES, DevicePageCache, key_list_pages, new_counters  # noqa: E402
 from vllm_hip.stats import HipStats  # noqa: E402
 
@@ -211,13 +211,13 @@ def test_mask_estimation_reads_cached_pages_from_the_cache(fraction):
 
     import test_prune as tp
 
-    from triton_kernels.prune import select_blocks
+    from vllm_hip_kernels.prune import select_blocks
 
     case = tp.make_case(seed=7)
     kv = torch.stack([case.key_cache, case.key_cache], 1).contiguous()  # [pages, 2, page, Hkv, D]
     stages = [tp.Stage(64, 256, 2), tp.Stage(8, 64, 1)]
     kw = tp.stage_kwargs(case, "relative", rope_distance=32)
-    from triton_kernels.prune_reference import select_blocks_reference
+    from vllm_hip_kernels.prune_reference import select_blocks_reference
 
     want, want_n, _ = select_blocks(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw)
     ref, ref_n, _ = select_blocks_reference(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw)

@@ -11,9 +11,10 @@ import pytest
 pytest.importorskip("vllm")
 
 
-def _run(code: str) -> str:
+def _run(code: str, cwd: str | None = None) -> str:
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # vLLM logs to stdout too: keep only what the snippet printed with the marker.
@@ -34,6 +35,23 @@ def test_entry_point_is_installed_and_registers_in_a_fresh_process():
         """
     )
     assert out.split() == ["CUSTOM", "vllm_hip.backend.InfiniteHipBackend"]
+
+
+def test_installing_us_leaves_vllms_bundled_triton_kernels_in_place(tmp_path):
+    """Our kernels folder installs as ``vllm_hip_kernels``: a top-level ``triton_kernels`` would
+    be imported by vLLM in place of the OpenAI triton_kernels it bundles (its MXFP4 MoE path)."""
+    out = _run(
+        """
+        import vllm_hip_kernels.prune
+        from vllm.utils.import_utils import has_triton_kernels
+        assert has_triton_kernels()
+        import triton_kernels, triton_kernels.matmul_ogs
+        print("@@", triton_kernels.__name__, triton_kernels.__file__)
+        """,
+        cwd=str(tmp_path),  # not the repository root, whose triton_kernels/ folder is on no path
+    )
+    name, path = out.split()
+    assert name == "vllm.third_party.triton_kernels" and "vllm_hip" not in path, out
 
 
 def test_cli_style_lookup_and_backend_class_resolve():

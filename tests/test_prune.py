@@ -1,4 +1,4 @@
-"""Hierarchical pruning kernels (triton_kernels.prune) against the PyTorch reference.
+"""Hierarchical pruning kernels (vllm_hip_kernels.prune) against the PyTorch reference.
 
 On a CPU machine the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported); on CUDA they run compiled. Shapes stay small so the module runs in about a minute on
@@ -17,20 +17,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from triton_kernels.prune import (  # noqa: E402
+from vllm_hip_kernels.prune import (  # noqa: E402
     run_stage,
     score_chunks,
     select_blocks,
     split_chunks,
 )
-from triton_kernels.prune_reference import (  # noqa: E402
+from vllm_hip_kernels.prune_reference import (  # noqa: E402
     rotate_reference,
     run_stage_reference,
     score_chunks_reference,
     select_blocks_reference,
     split_chunks_reference,
 )
-from triton_kernels.query_blocks import build_query_blocks  # noqa: E402
+from vllm_hip_kernels.query_blocks import build_query_blocks  # noqa: E402
 
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -347,7 +347,7 @@ def test_split_chunks_matches_reference():
 )
 def test_launch_variants_agree(monkeypatch, override):
     """The tile/launch choices kept for benchmarking give the same answer as the reference."""
-    import triton_kernels.prune as prune_mod
+    import vllm_hip_kernels.prune as prune_mod
 
     monkeypatch.setattr(prune_mod, "_TILE_OVERRIDE", override)
     case = make_case([(1, 700), (21, 463), (2, 60)], seed=13, page_size=16)
@@ -361,7 +361,7 @@ def test_launch_variants_agree(monkeypatch, override):
 
 
 def test_torch_topk_fallback_for_many_candidates(monkeypatch):
-    import triton_kernels.prune as prune_mod
+    import vllm_hip_kernels.prune as prune_mod
 
     monkeypatch.setattr(prune_mod, "_MAX_FUSED_TOPK", 8)
     case = make_case(seed=14)
@@ -547,7 +547,7 @@ def bench_stage1(num_tokens=1 << 20, q_len=1, hq=32, hkv=8, head_dim=128, page_s
     CUDA graphs, run_stage launched eagerly (host overhead included), and all ``stages`` through
     select_blocks as a CUDA graph.
     """
-    import triton_kernels.prune as prune_mod
+    import vllm_hip_kernels.prune as prune_mod
 
     sink, window = 256, 1024
     seq_len = sink + num_tokens + window + q_len - 1

@@ -1,11 +1,11 @@
-"""Query blocks are aligned to absolute positions (triton_kernels.query_blocks)."""
+"""Query blocks are aligned to absolute positions (vllm_hip_kernels.query_blocks)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from triton_kernels.query_blocks import build_query_blocks
+from vllm_hip_kernels.query_blocks import build_query_blocks
 
 BQ = 16
 
@@ -63,3 +63,18 @@ def test_split_last_gives_each_sequence_last_query_its_own_block():
             assert pos[:-1] == old_pos and q_len[:-2] == old_len[:-1] and q_len[-2] == old_len[-1] - 1
     assert split.q_start.tolist() == sorted(split.q_start.tolist())
     assert split.window_start.tolist() == [max(4, p - 32 + 1) for p in split.pos.tolist()]
+
+
+def test_split_last_per_sequence_splits_only_where_asked():
+    qsl, lens = torch.tensor([0, 70, 100]), torch.tensor([70, 130])
+    both = build_query_blocks(qsl, lens, block_size_q=BQ, sink_tokens=4, window_tokens=32, split_last=True)
+    one = build_query_blocks(qsl, lens, block_size_q=BQ, sink_tokens=4, window_tokens=32,
+                             split_last=torch.tensor([False, True]))
+    none = build_query_blocks(qsl, lens, block_size_q=BQ, sink_tokens=4, window_tokens=32)
+    for s, want in ((0, none), (1, both)):
+        got_rows, want_rows = (one.seq == s).nonzero().flatten(), (want.seq == s).nonzero().flatten()
+        assert one.pos[got_rows].tolist() == want.pos[want_rows].tolist()
+        assert one.q_len[got_rows].tolist() == want.q_len[want_rows].tolist()
+    with pytest.raises(ValueError, match="a bool per sequence"):
+        build_query_blocks(qsl, lens, block_size_q=BQ, sink_tokens=4, window_tokens=32,
+                           split_last=torch.tensor([True]))

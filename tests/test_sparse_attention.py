@@ -1,4 +1,4 @@
-"""Block-sparse attention (triton_kernels.sparse_attention) against the PyTorch references.
+"""Block-sparse attention (vllm_hip_kernels.sparse_attention) against the PyTorch references.
 
 On a CPU machine the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported); on CUDA they run compiled. Tolerances for 16-bit inputs are relative to the error of a
@@ -19,13 +19,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
-from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
-from triton_kernels.sparse_attention import (
+from vllm_hip_kernels.query_blocks import QueryBlocks, build_query_blocks
+from vllm_hip_kernels.sparse_attention import (
     MAX_SPLITS,
     choose_num_splits,
     sparse_attention,
 )
-from triton_kernels.sparse_attention_reference import (
+from vllm_hip_kernels.sparse_attention_reference import (
     dense_causal_attention_reference,
     sparse_attention_reference,
 )

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from triton_kernels.page_copy_kernels import _copy_pages_kernel
+from vllm_hip_kernels.page_copy_kernels import _copy_pages_kernel
 
 __all__ = ["copy_pages", "copy_pages_reference"]
 

@@ -1,4 +1,4 @@
-"""Triton kernel of the masked page copy (launcher: ``triton_kernels.page_copy.copy_pages``)."""
+"""Triton kernel of the masked page copy (launcher: ``vllm_hip_kernels.page_copy.copy_pages``)."""
 
 import triton
 import triton.language as tl

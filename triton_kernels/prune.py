@@ -386,7 +386,7 @@ def run_stage(
         How per-kv-head scores combine (:func:`normalize_head_scores`).
     page_cache : CachedPages, optional
         KV offload: read keys of cached pages from this GPU cache, the others from
-        ``key_cache`` (host memory), counting both (``triton_kernels.cached_pages``).
+        ``key_cache`` (host memory), counting both (``vllm_hip_kernels.cached_pages``).
 
     Returns
     -------

@@ -1,6 +1,6 @@
 """Triton kernels of the hierarchical pruning (InfiniteHiP multi-stage chunk scoring).
 
-Only ``@triton.jit`` code lives here; :mod:`triton_kernels.prune` checks inputs, allocates and
+Only ``@triton.jit`` code lives here; :mod:`vllm_hip_kernels.prune` checks inputs, allocates and
 launches. Layouts (see ``prune.py`` for the full contract):
 
 - pooled queries ``Qp``: [NB, Hkv, ROWS_PAD, D], contiguous, dtype = the dot's input dtype (the
@@ -274,7 +274,7 @@ def _score_chunks_kernel(
     a dependent load out of every halving step (a benchmark option: measured ~25% slower on an
     H100 than reloading the L2-resident entries).
     CACHED (offload): keys are read through the GPU page cache (``PageSlot``, see
-    ``triton_kernels.cached_pages``); each program adds the key rows it read, those that hit,
+    ``vllm_hip_kernels.cached_pages``); each program adds the key rows it read, those that hit,
     and the bytes of the misses to ``Counters`` [4], [5] and [2] (int64 atomics).
     """
     pid_c = tl.program_id(0)

@@ -68,7 +68,7 @@ def score_chunks_reference(
     rope_distance: int = 1024,
     score_norm: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference of :func:`triton_kernels.prune.score_chunks`: (scores [NB, C] fp32,
+    """Reference of :func:`vllm_hip_kernels.prune.score_chunks`: (scores [NB, C] fp32,
     starts [NB, C] int32, n_cand [NB] int32)."""
     dev = q.device
     nb = qblocks.num_blocks
@@ -164,7 +164,7 @@ def run_stage_reference(
     rope_distance: int = 1024,
     score_norm: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`triton_kernels.prune.run_stage`."""
+    """Reference of :func:`vllm_hip_kernels.prune.run_stage`."""
     scores, starts, _ = score_chunks_reference(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
@@ -190,7 +190,7 @@ def split_chunks_reference(
     next_chunk_size: int,
     window_start: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`triton_kernels.prune.split_chunks` (a loop per block)."""
+    """Reference of :func:`vllm_hip_kernels.prune.split_chunks` (a loop per block)."""
     nb, k = starts.shape
     ratio = chunk_size // next_chunk_size
     out = torch.full((nb, k * ratio), -1, dtype=torch.int32)
@@ -227,7 +227,7 @@ def select_blocks_reference(
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Reference of :func:`triton_kernels.prune.select_blocks`."""
+    """Reference of :func:`vllm_hip_kernels.prune.select_blocks`."""
     nb = qblocks.num_blocks
     if len(stages) == 0:
         return (

@@ -19,8 +19,10 @@ vLLM's scheduler cuts a prompt into chunks (which depends on what else is in the
 only the block that straddles the cut, not every block after it, and a prompt prefilled in
 chunks selects (nearly) what it selects in one pass.
 
-With ``split_last`` the last new query of each sequence is cut off into a block of its own: it
-predicts the next token, and alone it gets a selection made for it, as a decode query does.
+With ``split_last`` the last new query of a sequence is cut off into a block of its own: it
+predicts the next token, and alone it gets a selection made for it, as a decode query does. The
+backend asks for it only where a chunk ends the prefill (``split_last`` per sequence): a split at a
+mid-prompt cut would make the blocks depend on where the scheduler cut.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def build_query_blocks(
     sink_tokens: int,
     window_tokens: int,
     device: torch.device | str | None = None,
-    split_last: bool = False,
+    split_last: bool | torch.Tensor = False,
 ) -> QueryBlocks:
     """Cut each sequence's new queries into blocks of at most ``block_size_q``.
 
@@ -100,10 +102,11 @@ def build_query_blocks(
         From :class:`vllm_hip.config.InfiniteHipConfig`.
     device : optional
         Where the int32 descriptors go (default: the host).
-    split_last : bool
-        Give the last new query of each sequence a block of its own (it predicts the next token;
-        alone, it gets a selection of its own, as a decode query does, instead of sharing one
-        with up to ``block_size_q - 1`` queries before it).
+    split_last : bool or torch.Tensor
+        Give the last new query of each sequence (or of the sequences where a [num_seqs] bool
+        host tensor is True) a block of its own: it predicts the next token; alone, it gets a
+        selection of its own, as a decode query does, instead of sharing one with up to
+        ``block_size_q - 1`` queries before it.
 
     Returns
     -------
@@ -136,8 +139,15 @@ def build_query_blocks(
     q_len = torch.where(is_head, head[seq],
                         torch.minimum(q_lens[seq] - offset, torch.tensor(block_size_q)))
     pos = first_pos[seq] + offset
-    if split_last and nb:
-        last = (torch.cumsum(blocks_per_seq, 0) - 1)[blocks_per_seq > 0]
+    if isinstance(split_last, torch.Tensor):
+        split_seq = split_last.detach().to("cpu", torch.bool)
+        if split_seq.shape != (num_seqs,):
+            raise ValueError(f"split_last must be a bool per sequence [{num_seqs}]")
+    else:
+        split_seq = torch.full((num_seqs,), bool(split_last))
+    if nb and bool(split_seq.any()):
+        has_blocks = blocks_per_seq > 0
+        last = (torch.cumsum(blocks_per_seq, 0) - 1)[has_blocks & split_seq]
         split = last[q_len[last] > 1]
         if split.numel():
             q_len = q_len.clone()

@@ -17,9 +17,9 @@ import os
 
 import torch
 
-from triton_kernels.cached_pages import CachedPages, cache_offsets, check_slot_table
-from triton_kernels.query_blocks import QueryBlocks
-from triton_kernels.sparse_attention_kernels import (
+from vllm_hip_kernels.cached_pages import CachedPages, cache_offsets, check_slot_table
+from vllm_hip_kernels.query_blocks import QueryBlocks
+from vllm_hip_kernels.sparse_attention_kernels import (
     _combine_splits_kernel,
     _sparse_attention_fwd_kernel,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_kernels.query_blocks import QueryBlocks
+from vllm_hip_kernels.query_blocks import QueryBlocks
 
 __all__ = ["apply_rope_reference", "dense_causal_attention_reference", "sparse_attention_reference"]
 
@@ -89,7 +89,7 @@ def sparse_attention_reference(
     window_tokens: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`triton_kernels.sparse_attention.sparse_attention` (same arguments).
+    """Reference of :func:`vllm_hip_kernels.sparse_attention.sparse_attention` (same arguments).
 
     ``num_splits`` and ``window_tokens`` are accepted and ignored. ``compute_dtype`` (default fp32)
     sets the dtype of the matmuls and softmax: tests run it in bf16 to measure PyTorch's own error.

@@ -4,7 +4,7 @@ The same algorithm as the vLLM backend (hierarchical pruning, then sink + select
 attention, optionally with streaming RoPE) on ordinary ``[batch, seq, heads, dim]`` tensors, for
 notebooks, tests and the Hugging Face integration (:mod:`vllm_hip.hf`). Four implementations:
 
-- ``"triton"``: the Triton kernels (``triton_kernels.prune`` / ``.sparse_attention``) over a paged
+- ``"triton"``: the Triton kernels (``vllm_hip_kernels.prune`` / ``.sparse_attention``) over a paged
   view of k/v; on CPU tensors they need ``TRITON_INTERPRET=1``;
 - ``"reference"``: their pure-PyTorch references, block by block (slow; the definition);
 - ``"torch"``: a vectorized PyTorch path (all query blocks at once), the default on CPU; tests
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 # SCORE_NORMS / normalize_head_scores: how per-kv-head chunk scores combine into one ranking;
 # the kernels, the references and the CPU path below share that one definition.
-from triton_kernels.prune import SCORE_NORMS, normalize_head_scores
-from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
+from vllm_hip_kernels.prune import SCORE_NORMS, normalize_head_scores
+from vllm_hip_kernels.query_blocks import QueryBlocks, build_query_blocks
 from vllm_hip.config import InfiniteHipConfig
 
 __all__ = [
@@ -310,9 +310,9 @@ def infinitehip_attention(
         else:
             key_cache, _, block_table, seq_lens = paged
             if impl == "triton":
-                from triton_kernels.prune import select_blocks
+                from vllm_hip_kernels.prune import select_blocks
             else:
-                from triton_kernels.prune_reference import select_blocks_reference as select_blocks
+                from vllm_hip_kernels.prune_reference import select_blocks_reference as select_blocks
             sel, cnt, _ = select_blocks(
                 q_packed, key_cache, block_table, seq_lens.to(dev), qb, stages,
                 score_norm=score_norm, **prune_kwargs,
@@ -327,14 +327,14 @@ def infinitehip_attention(
     else:
         key_cache, value_cache, block_table, seq_lens = paged
         if impl == "triton":
-            from triton_kernels.sparse_attention import sparse_attention
+            from vllm_hip_kernels.sparse_attention import sparse_attention
 
             out = sparse_attention(
                 q_packed, key_cache, value_cache, block_table, seq_lens.to(dev), qb, sel, cnt,
                 window_tokens=config.window_tokens, **attn_kwargs,
             )  # fmt: skip
         else:
-            from triton_kernels.sparse_attention_reference import sparse_attention_reference
+            from vllm_hip_kernels.sparse_attention_reference import sparse_attention_reference
 
             out = sparse_attention_reference(
                 q_packed, key_cache, value_cache, block_table, seq_lens.to(dev), qb, sel, cnt,

@@ -1,7 +1,7 @@
 """The INFINITEHIP attention backend for vLLM (backend, metadata builder, impl).
 
 Shaped like vLLM's ``v1/attention/backends/triton_attn.py``. Per step the builder cuts the batch
-into query blocks (``triton_kernels.query_blocks``), tracks rows for the decode mask cache
+into query blocks (``vllm_hip_kernels.query_blocks``), tracks rows for the decode mask cache
 (``vllm_hip.masks``) and plans which pruning stages run. Per layer the impl writes K/V into the
 paged cache (keys un-rotated in ``rope_mode="streaming"``), selects key blocks (exactly all of them
 while the context fits sink + window + k, else by hierarchical pruning or from the mask cache) and
@@ -32,8 +32,9 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
-from triton_kernels.query_blocks import QueryBlocks, build_query_blocks
-from triton_kernels.cached_pages import CachedPages
+from vllm_hip_kernels.query_blocks import QueryBlocks, build_query_blocks
+from vllm_hip_kernels.cached_pages import CachedPages
+from vllm_hip import prefill_lens
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.masks import LayerMaskCache, MaskStore, RefreshPlan, RowTracker, plan_refresh, subset_blocks
@@ -112,6 +113,7 @@ class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
         self._num_pages_hint = int(num_pages)
         self._tracker: RowTracker | None = None
         self._step = 0
+        prefill_lens.install()
 
     def _row_tracker(self, block_table: torch.Tensor) -> RowTracker:
         if self._tracker is None:
@@ -180,7 +182,8 @@ def build_metadata(
         block_size_q=cfg.block_size_q,
         sink_tokens=cfg.sink_tokens,
         window_tokens=cfg.window_tokens,
-        split_last=cfg.split_last_query,
+        # where a chunk ends the prefill (known in vLLM's runners), else at every chunk end
+        split_last=prefill_lens.split_rows(seq_lens_cpu, cfg.split_last_query),
     )
     if positions is None:
         positions = _positions_from(qsl_cpu, seq_lens_cpu).to(device, non_blocking=True)
@@ -491,7 +494,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
 
         layer_idx = self._layer_index(layer)
         sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached)
-        from triton_kernels import sparse_attention as sa
+        from vllm_hip_kernels import sparse_attention as sa
 
         out = output[:n].view(n, self.num_heads, self.head_size)
         sa.sparse_attention(
@@ -554,7 +557,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 md.all_blocks = all_blocks_selection(qb, qb_cpu, cfg.sink_tokens, cfg.block_size_k)
             return md.all_blocks
 
-        from triton_kernels import prune
+        from vllm_hip_kernels import prune
 
         mask_rope = None
         if rope is not None:

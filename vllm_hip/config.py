@@ -160,12 +160,20 @@ class InfiniteHipConfig:
     not been measured with it."""
 
     split_last_query: bool = True
-    """Give the last query of each prefill chunk a query block of its own. That query predicts the
-    first generated token; alone, it gets its own selection (as every decode query does) instead
-    of sharing one with up to ``block_size_q - 1`` queries before it. Costs one more block per
-    request and step. On SmolLM2 through vLLM (H200, 10 prompts a cell) it found the passkey at
+    """Give the last query of the prefill (in the chunk that ends it) a query block of its own.
+    That query predicts the first generated token; alone, it gets its own selection (as every
+    decode query does) instead of sharing one with up to ``block_size_q - 1`` queries before it.
+    Costs one more block per request. Measured when it split the last query of *every* chunk:
+    on SmolLM2 through vLLM (H200, 10 prompts a cell) it found the passkey at
     16K/32K/64K/128K in 90/60/50/70% of prompts against 80/10/40/0% without it (multi-key at
     16K-64K 40/60/20% against 20/30/20%; benchmarks/results/passkey_configs_h200.json)."""
+
+    align_prefill_chunks: bool = True
+    """Cut prompts into prefill chunks only at multiples of ``block_size_q`` (and at the prompt's
+    end), so that no query block is split by a chunk boundary: a prompt then selects the same
+    blocks however vLLM's scheduler chunks it, which depends on what else is in the batch. Costs
+    at most ``block_size_q - 1`` tokens of a step's budget per prefilling request
+    (``vllm_hip.scheduler``; off when the user names a ``--scheduler-cls`` of their own)."""
 
     block_size_k: int = 8
     """Tokens per selected key block. Power of two in [8, 64]; must divide the KV page size."""
@@ -303,7 +311,8 @@ class InfiniteHipConfig:
         _check_int("decode_splits", self.decode_splits, 0, 256)
         _check_choice("rope_mode", self.rope_mode, ("streaming", "model"))
         _check_choice("score_norm", self.score_norm, ("head_max", "none"))
-        for name in ("allow_long_context", "export_metrics", "offload", "split_last_query"):
+        for name in ("allow_long_context", "export_metrics", "offload", "split_last_query",
+                     "align_prefill_chunks"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"infinitehip.{name}={getattr(self, name)!r} is invalid: must be true or false"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from triton_kernels.query_blocks import QueryBlocks
+from vllm_hip_kernels.query_blocks import QueryBlocks
 
 __all__ = ["RefreshPlan", "RowTracker", "LayerMaskCache", "MaskStore", "plan_refresh", "subset_blocks"]
 

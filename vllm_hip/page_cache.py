@@ -17,7 +17,7 @@ Per step and layer:
    them, so one copy beats a read across PCIe per block);
 2. sparse attention (keys and values) and mask estimation (keys) read every page through
    ``slot_of_page``: from the GPU on a hit, from host memory on a miss, and count both
-   (:class:`~triton_kernels.cached_pages.CachedPages`);
+   (:class:`~vllm_hip_kernels.cached_pages.CachedPages`);
 3. :meth:`DevicePageCache.admit` takes the pages the decode rows just read, marks the cached
    ones used, and brings the others in, evicting the least recently used slots (the backend
    skips it on steps that reused every selection: those pages came in with the selection).
@@ -37,8 +37,8 @@ from collections import deque
 
 import torch
 
-from triton_kernels.cached_pages import COUNTER_SLOTS, CachedPages
-from triton_kernels.page_copy import copy_pages
+from vllm_hip_kernels.cached_pages import COUNTER_SLOTS, CachedPages
+from vllm_hip_kernels.page_copy import copy_pages
 
 __all__ = ["COUNTER_NAMES", "DevicePageCache", "key_list_pages", "new_counters", "shared_counters"]
 

@@ -94,6 +94,30 @@ def _prepare_engine_args(engine_args: object) -> None:
         )
 
 
+def _choose_scheduler(vllm_config: object) -> None:
+    """With INFINITEHIP, vLLM's scheduler cutting prefill chunks at query-block boundaries
+    (``vllm_hip.scheduler``), chosen once vLLM has decided on async scheduling. A scheduler class
+    the user named is kept."""
+    attn = getattr(vllm_config, "attention_config", None)
+    sc = getattr(vllm_config, "scheduler_config", None)
+    if sc is None or not is_infinitehip(getattr(attn, "backend", None)):
+        return
+    from vllm_hip.config import InfiniteHipConfig
+
+    cfg = InfiniteHipConfig.from_vllm_additional_config(getattr(vllm_config, "additional_config", None))
+    if not cfg.align_prefill_chunks:
+        return
+    if sc.scheduler_cls is not None:
+        logger.warning(
+            "vllm-hip: --scheduler-cls %s is kept; prefill chunks are not aligned to query blocks "
+            "(align_prefill_chunks needs vLLM's own scheduler)", sc.scheduler_cls,
+        )
+        return
+    from vllm_hip.scheduler import scheduler_class_for
+
+    sc.scheduler_cls = scheduler_class_for(bool(sc.async_scheduling))
+
+
 def _wrap_create_engine_config() -> None:
     # `vllm serve`, LLM(...) and AsyncEngineArgs all build the VllmConfig here: wrap it once.
     from vllm.engine.arg_utils import EngineArgs
@@ -104,7 +128,9 @@ def _wrap_create_engine_config() -> None:
 
     def create_engine_config(self, *args, **kwargs):
         _prepare_engine_args(self)
-        return original(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
+        _choose_scheduler(vllm_config)
+        return vllm_config
 
     create_engine_config._vllm_hip_wrapped = True  # type: ignore[attr-defined]
     create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
