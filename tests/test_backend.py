@@ -592,3 +592,48 @@ def test_prefill_lens_hooks_the_real_runners():
     for owner, name in ((DefaultModelState, "prepare_attn"), (GPUModelRunner, "_build_attention_metadata")):
         fn = getattr(owner, name)
         assert fn._vllm_hip and not getattr(fn.__wrapped__, "_vllm_hip", False)
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batch_invariant_launches_do_not_follow_the_batch(invariant, monkeypatch):
+    """VLLM_BATCH_INVARIANT=1: kernels are launched with tiles sized for a full query block and
+    one split-K partition, whatever else is in the batch; a long request's decode step and a
+    short one's (exact alone, pruned beside a long one) give the same outputs alone and in a
+    mixed batch. Without it the tiles follow the batch's longest block (what makes GPU results
+    differ; the interpreter's arithmetic happens not to)."""
+    from vllm_hip_kernels import prune as prune_mod
+    from vllm_hip_kernels import sparse_attention as sa
+
+    seen = {"attn": [], "prune": []}
+    tile_config, launch_config = sa._tile_config, prune_mod._launch_config
+    monkeypatch.setattr(sa, "_tile_config", lambda *a: seen["attn"].append(a[2]) or tile_config(*a))
+    monkeypatch.setattr(prune_mod, "_launch_config", lambda *a: seen["prune"].append(a[:3]) or launch_config(*a))
+    cfg = small_sparse_config()
+    hq, hkv, d = 4, 2, 64
+    batch = PagedBatch([700, 90, 120], hq, hkv, d, torch.float32, seed=5)
+    layer = FakeLayer(3)
+    for i, upto in ((0, 699), (2, 119)):
+        batch.prefill_context(i, upto, layer)
+
+    def run(spans, decode_rows):
+        impl = make_impl(cfg, hq, hkv, d)
+        impl.batch_invariant = invariant
+        md, q, k, v = batch.step(cfg, spans, decode_rows=decode_rows)
+        out = run_impl(impl, layer, batch, md, q, k, v)
+        starts = torch.tensor([0] + [hi - lo for _, lo, hi in spans]).cumsum(0)
+        return {i: out[starts[j] : starts[j + 1]] for j, (i, _, _) in enumerate(spans)}
+
+    alone_long = run([(0, 699, 700)], decode_rows=(0,))
+    # exact alone: 40 tokens between sink (16) and window (64) fit k = 64
+    alone_short = run([(2, 119, 120)], decode_rows=(0,))
+    attn_alone, prune_alone = list(seen["attn"]), list(seen["prune"])
+    mixed = run([(1, 0, 90), (0, 699, 700), (2, 119, 120)], decode_rows=(1, 2))
+    if invariant:
+        # one attention tile shape; per pruning stage (chunk size) one scoring tile shape
+        assert set(seen["attn"]) == {16}, seen
+        assert len(set(seen["prune"])) == len({c for _, _, c in seen["prune"]}) == 2, seen
+        assert torch.equal(mixed[0], alone_long[0])
+        assert torch.equal(mixed[2], alone_short[2])  # pruning kept every block, in order
+    else:
+        assert set(attn_alone) == {1} and 16 in seen["attn"], seen
+        assert set(prune_alone) != set(seen["prune"][len(prune_alone):])

@@ -371,9 +371,15 @@ def test_torch_topk_fallback_for_many_candidates(monkeypatch):
     assert torch.equal(s.cpu(), rs.cpu()) and torch.equal(c.cpu(), rc.cpu())
 
 
-def test_ties_keep_the_earliest_chunks():
-    """Identical keys tie every chunk: the fused top-k keeps the lowest candidate indices, as the
-    reference's stable ordering does (torch.topk would be free to pick any)."""
+@pytest.mark.parametrize("fallback", [False, True])
+def test_ties_keep_the_earliest_chunks(fallback, monkeypatch):
+    """Identical keys tie every chunk: the fused top-k and the torch fallback keep the lowest
+    candidate indices, as the reference's stable ordering does (torch.topk would be free to pick
+    any, and a batch-invariant selection cannot let it)."""
+    import vllm_hip_kernels.prune as prune_mod
+
+    if fallback:
+        monkeypatch.setattr(prune_mod, "_MAX_FUSED_TOPK", 8)
     case = make_case(seed=15)
     case.key_cache[:] = case.key_cache[0, 0, 0]
     kw = stage_kwargs(case, None, chunk_size=16, query_pool=1)
@@ -511,6 +517,10 @@ def test_input_checks():
     with pytest.raises(ValueError, match="cached_inputs"):
         select_blocks(*case.args(), [Stage(32, 64), Stage(8, 32)], sink_tokens=case.sink,
                       first_stage=1)
+    assert case.qblocks.max_q_len > 1
+    with pytest.raises(ValueError, match="tile_q_len=1 < the longest query block"):
+        run_stage(*case.args(), None, None, chunk_size=8, keep_chunks=2, query_pool=1,
+                  sink_tokens=case.sink, tile_q_len=1)
 
 
 # ----------------------------------------------------------------------------- GPU timing

@@ -488,6 +488,8 @@ def test_input_validation():
         sparse_attention(*case.args()[:6], case.sel_blocks[:0], case.sel_count[:0], **case.kwargs)
     with pytest.raises(ValueError, match="int32"):
         sparse_attention(*case.args()[:3], case.block_table.long(), *case.args()[4:], **case.kwargs)
+    with pytest.raises(ValueError, match="tile_q_len=0 < the longest query block"):
+        sparse_attention(*case.args(), **case.kwargs, tile_q_len=0)
 
 
 # ------------------------------------------------------------------ GPU-only: real shapes

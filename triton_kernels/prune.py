@@ -69,21 +69,26 @@ def _first_stage_count(qblocks: QueryBlocks, chunk_size: int, sink_tokens: int) 
 _TILE_OVERRIDE: dict | None = None
 
 #: Largest candidate count (padded to a power of two) the fused top-k kernel holds in registers;
-#: stages with more candidates (contexts beyond ~4M tokens at chunk 256) use torch.topk.
+#: stages with more candidates (contexts beyond ~4M tokens at chunk 256) use a torch sort.
 _MAX_FUSED_TOPK = 16384
 
 
-def _launch_config(rows: int, num_cand: int, chunk_size: int, page_size: int) -> dict:
+def _launch_config(rows: int, num_cand: int | None, chunk_size: int, page_size: int) -> dict:
     """Tile sizes for the scoring kernel: a fixed heuristic, no autotuning when serving.
 
     Measured on an H100 (stage 1, 1M tokens, Hkv 8, D 128, bf16; pool + score kernels):
     decode 62 us with these choices, vs 82 us prefetching the block table per chunk, 73-101 us
     with 32 or 128 chunk tiles, and 330 us with a broadcast multiply-sum in place of a 16-row
     padded tl.dot; a 64-query prefill block 98 us vs 109-118 us for the alternatives.
+    ``num_cand=None``: chunk tiles that do not follow the batch's candidate count
+    (batch-invariant launches).
     """
+    block_c = 64 if rows <= 16 else 32
+    if num_cand is not None:
+        block_c = min(block_c, max(16, triton.next_power_of_2(num_cand)))
     cfg = {
         "block_r": min(64, max(16, triton.next_power_of_2(rows))),
-        "block_c": min(64 if rows <= 16 else 32, max(16, triton.next_power_of_2(num_cand))),
+        "block_c": block_c,
         "use_dot": True,
         "num_warps": 4,
         "bt_prefetch": False,
@@ -140,6 +145,7 @@ def _check_inputs(q, key_cache, block_table, seq_lens, qblocks, mask_rope, cos, 
 def _head_scores(
     q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count, *, chunk_size,
     query_pool, sink_tokens, k_scale, mask_rope, cos, sin, rope_distance, page_cache=None,
+    tile_q_len=None,
 ):
     """Per-kv-head chunk scores [NB, Hkv, C] (pool + score kernels), or None when C or NB is 0.
 
@@ -173,8 +179,10 @@ def _head_scores(
     if nb == 0 or num_cand == 0:
         return None, num_cand, cand_starts
 
-    rows = -(-qblocks.max_q_len // query_pool) * group
-    cfg = _launch_config(rows, num_cand, chunk_size, page_size)
+    if tile_q_len is not None and tile_q_len < qblocks.max_q_len:
+        raise ValueError(f"tile_q_len={tile_q_len} < the longest query block ({qblocks.max_q_len})")
+    rows = -(-(tile_q_len or qblocks.max_q_len) // query_pool) * group
+    cfg = _launch_config(rows, None if tile_q_len else num_cand, chunk_size, page_size)
     block_r, block_c = cfg["block_r"], cfg["block_c"]
     rows_pad = -(-rows // block_r) * block_r
     npg = triton.next_power_of_2(-(-chunk_size // page_size) + 1) if cfg["bt_prefetch"] else 0
@@ -309,14 +317,16 @@ def normalize_head_scores(head_scores: torch.Tensor, score_norm: str) -> torch.T
 
 
 def _keep_top_torch(scores: torch.Tensor, starts: torch.Tensor, keep_chunks: int):
-    """Fallback of the fused top-k for very many candidates (ties: torch.topk's choice)."""
+    """Fallback of the fused top-k for very many candidates. Ties go to the earliest candidates,
+    as in the fused kernel (a stable sort, where torch.topk's choice among ties is unspecified)."""
     nb, num_cand = scores.shape
     dev = scores.device
     out = torch.full((nb, keep_chunks), -1, device=dev, dtype=torch.int32)
     kk = min(keep_chunks, num_cand)
     if kk == 0 or nb == 0:
         return out, torch.zeros(nb, device=dev, dtype=torch.int32)
-    vals, idx = torch.topk(scores, kk, dim=1, sorted=False)
+    vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :kk], idx[:, :kk]
     picked = torch.gather(starts.expand(nb, num_cand), 1, idx)
     ok = vals > float("-inf")
     key = torch.where(ok, picked, torch.full_like(picked, _INT32_MAX))
@@ -345,6 +355,7 @@ def run_stage(
     rope_distance: int = 1024,
     score_norm: str = "none",
     page_cache: CachedPages | None = None,
+    tile_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one pruning stage: score candidate chunks, keep the top ``keep_chunks``.
 
@@ -387,13 +398,16 @@ def run_stage(
     page_cache : CachedPages, optional
         KV offload: read keys of cached pages from this GPU cache, the others from
         ``key_cache`` (host memory), counting both (``vllm_hip_kernels.cached_pages``).
+    tile_q_len : int, optional
+        Size the scoring tiles as if the longest query block had this many queries, and not by
+        the batch's candidate count: a block's scores then do not depend on the other blocks of
+        the launch (batch-invariant serving).
 
     Returns
     -------
     starts : torch.Tensor
         int32 [NB, keep_chunks] kept chunk starts, ascending, -1 padded. Equal scores at the
-        cut go to the earliest candidates (beyond ``_MAX_FUSED_TOPK`` candidates, torch.topk's
-        choice).
+        cut go to the earliest candidates.
     count : torch.Tensor
         int32 [NB] kept chunks per block: min(keep_chunks, valid candidates).
     """
@@ -405,6 +419,7 @@ def run_stage(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
         mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, page_cache=page_cache,
+        tile_q_len=tile_q_len,
     )
     if head_scores is None or keep_chunks == 0:
         return (
@@ -496,13 +511,14 @@ def select_blocks(
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
     page_cache: CachedPages | None = None,
+    tile_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run pruning stages ``first_stage ..`` and return the selected key blocks.
 
     Parameters
     ----------
     q, key_cache, block_table, seq_lens, qblocks, sink_tokens, k_scale, mask_rope, cos, sin,
-    rope_distance, score_norm, page_cache :
+    rope_distance, score_norm, page_cache, tile_q_len :
         As in :func:`run_stage`.
     stages : sequence
         Objects with ``chunk_size``, ``keep_tokens`` and ``query_pool`` (coarse to fine); the last
@@ -553,7 +569,7 @@ def select_blocks(
             chunk_size=st.chunk_size, keep_chunks=st.keep_tokens // st.chunk_size,
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
             mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
-            score_norm=score_norm, page_cache=page_cache,
+            score_norm=score_norm, page_cache=page_cache, tile_q_len=tile_q_len,
         )
         if i + 1 < len(stages):
             inp = split_chunks(

@@ -144,6 +144,7 @@ def sparse_attention(
     num_splits: int = 0,
     window_tokens: int | None = None,
     page_cache: CachedPages | None = None,
+    tile_q_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sink + selected blocks + sliding window attention of every query block.
 
@@ -195,6 +196,11 @@ def sparse_attention(
     page_cache : CachedPages, optional
         A GPU cache of hot pages: cached pages are read from it, the others from ``key_cache`` /
         ``value_cache`` (which may live in host memory), and the reads are counted.
+    tile_q_len : int, optional
+        Size the tiles as if the longest query block had this many queries (at least
+        ``qblocks.max_q_len``) instead of the batch's longest. With a constant here and a fixed
+        ``num_splits``, a query's output no longer depends on the other blocks of the launch
+        (batch-invariant serving).
 
     Returns
     -------
@@ -282,17 +288,22 @@ def sparse_attention(
         return (out, lse) if return_lse else out
 
     group = num_q_heads // num_kv_heads
+    max_q_len = qblocks.max_q_len
+    if tile_q_len is not None:
+        if tile_q_len < max_q_len:
+            raise ValueError(f"tile_q_len={tile_q_len} < the longest query block ({max_q_len})")
+        max_q_len = tile_q_len
     block_q, h_tile, block_n, num_warps, num_stages = _tile_config(
-        head_dim, group, qblocks.max_q_len, q.dtype == torch.float32
+        head_dim, group, max_q_len, q.dtype == torch.float32
     )
-    n_q_tiles = _cdiv(max(qblocks.max_q_len, 1), block_q)
+    n_q_tiles = _cdiv(max(max_q_len, 1), block_q)
     n_h_tiles = _cdiv(group, h_tile)
     if num_splits <= 0:
         max_len = qblocks.max_seq_len
         win = (
             max_len
             if window_tokens is None
-            else min(max_len, window_tokens + qblocks.max_q_len - 1)
+            else min(max_len, window_tokens + max_q_len - 1)
         )
         max_tiles = (
             _cdiv(min(sink_tokens, max_len), block_n)

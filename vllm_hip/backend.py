@@ -279,6 +279,14 @@ class InfiniteHipBackend(AttentionBackend):
         return False
 
     @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        # Under VLLM_BATCH_INVARIANT=1 the impl launches every kernel with tiles sized for a
+        # full query block and one split-K partition (_launch_options), selection ties
+        # break by position, and prefill chunks are cut at query-block boundaries
+        # (vllm_hip.scheduler): a request's attention does not depend on its neighbours.
+        return True
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return [64, 128]
 
@@ -367,6 +375,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         """This layer's view of the mask store as of its last step (for tests and debugging)."""
         self._page_cache: DevicePageCache | None = None
         self.layer_idx: int | None = None
+        self.batch_invariant = batch_invariant_requested()
 
     # ------------------------------------------------------------------ helpers
     def _layer_index(self, layer: Any) -> int:
@@ -439,6 +448,16 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             page_size=page_size,
             max_window_pages=(cfg.window_tokens + cfg.block_size_q) // page_size + 2,
         )
+
+    def _launch_options(self, md: InfiniteHipMetadata) -> dict[str, int]:
+        """Kernel launch sizes: by the batch (fastest), or fixed (batch-invariant serving)."""
+        cfg = self.hip_config
+        if not self.batch_invariant:
+            return {"num_splits": cfg.decode_splits}
+        # A query block never holds more than block_size_q queries; one split-K partition keeps
+        # each query's reduction order its own (a decode query reads sink + k + window keys,
+        # ~3.3K by default, however long the context).
+        return {"num_splits": 1, "tile_q_len": max(cfg.block_size_q, md.qblocks_cpu.max_q_len)}
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -514,10 +533,10 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             v_scale=v_scale,
             cos=rope[0] if rope is not None else None,
             sin=rope[1] if rope is not None else None,
-            num_splits=self.hip_config.decode_splits,
             window_tokens=self.hip_config.window_tokens,
             page_cache=cached,
             out=out,  # straight into vLLM's output buffer (no copy)
+            **self._launch_options(md),
         )
         if pc is not None and not self._reused_all:
             # A step that reused every selection reads the pages admitted when they were made
@@ -609,6 +628,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             got_sel, got_cnt, stage_inputs = prune.select_blocks(
                 q, key_cache, md.block_table, md.seq_lens, group.blocks, stages,
                 cached_inputs=cached, first_stage=s, **common,
+                tile_q_len=self._launch_options(md).get("tile_q_len"),
             )  # fmt: skip
             w = min(width, got_sel.shape[1])
             sel[group.idx, :w] = got_sel[:, :w]
@@ -652,6 +672,17 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             md.src_row, md.step_id,
         )
         return self._mask_cache
+
+
+def batch_invariant_requested() -> bool:
+    """vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``): every request's output must not
+    depend on what else is in its batch."""
+    try:
+        from vllm import envs
+
+        return bool(envs.VLLM_BATCH_INVARIANT)
+    except (ImportError, AttributeError):  # pragma: no cover - older vLLM
+        return False
 
 
 def _blocks_of_rows(md: InfiniteHipMetadata, *, decode: bool) -> torch.Tensor:
