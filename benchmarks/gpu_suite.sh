@@ -189,12 +189,15 @@ load)
   # or LOAD_PARALLEL=1: both servers at once on the one GPU, each under its own 64 clients (one
   # call; the throughput is then not a single-server number and the records say so: time-sharing
   # hurts a server that launches many small kernels more than one that replays CUDA graphs).
+  # LOAD_INVARIANT=1: servers under VLLM_BATCH_INVARIANT=1, where every loaded output must equal
+  # the prompt served alone (vLLM's guarantee for FLASH_ATTN, ours for INFINITEHIP).
+  inv=(); [ "${LOAD_INVARIANT:-0}" = 1 ] && inv=(--batch-invariant)
   if [ "${LOAD_PARALLEL:-0}" = 1 ]; then
     lpids=(); port=8141
     IFS=, read -ra lbs <<<"${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}"
     for b in "${lbs[@]}"; do
       (timeout "$(left 5)" python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "$b" \
-        --duration "${LOAD_DURATION:-90}" --concurrency 64 --max-prompt-tokens 8000 --port "$port" --note "shared GPU: ${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN} loaded at the same time" \
+        --duration "${LOAD_DURATION:-90}" --concurrency 64 --max-prompt-tokens 8000 --port "$port" "${inv[@]}" --note "shared GPU: ${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN} loaded at the same time" \
         --server-args "--max-model-len 8192 --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 20000000000" \
         --log-dir "$OUT" --out "$OUT/load_$b.json" >"$OUT/load_$b.log" 2>&1) &
       lpids+=($!); port=$((port + 1))
@@ -205,7 +208,7 @@ load)
     tail -n 15 "$OUT"/load_*.log
   else
     python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}" \
-      --duration "${LOAD_DURATION:-90}" --concurrency 64 \
+      --duration "${LOAD_DURATION:-90}" --concurrency 64 "${inv[@]}" \
       --server-args "--max-model-len 8192 --gpu-memory-utilization 0.7" \
       --log-dir "$OUT" --out "$OUT/load.json" >"$OUT/load.log" 2>&1
     tail -40 "$OUT/load.log"

@@ -5,7 +5,9 @@ N concurrent clients send greedy ``/v1/completions`` requests for D seconds: pro
 hung up on mid-way. Prompts come from a seeded pool, each with a unique id, so every prompt is sent
 many times under load. Afterwards every distinct prompt (or ``--verify-sample`` of them) is sent
 again *alone* and the loaded outputs are compared with those (greedy decoding must not depend on what
-else is in the batch).
+else is in the batch). vLLM guarantees that only in its batch-invariant mode (``--batch-invariant``:
+``VLLM_BATCH_INVARIANT=1``, which INFINITEHIP supports); without it both backends' outputs can
+differ by floating-point rounding.
 
     # against a running server
     python benchmarks/load_test.py --base-url http://127.0.0.1:8000 --backend INFINITEHIP \\
@@ -447,17 +449,20 @@ def device_name() -> str:
 # ------------------------------------------------------------------------------------ server
 def launch_server(
     model: str, backend: str, port: int, server_args: list[str], log_path: str,
-    serve_cmd: str = DEFAULT_SERVE_CMD,
+    serve_cmd: str = DEFAULT_SERVE_CMD, env: dict[str, str] | None = None,
 ) -> subprocess.Popen:  # fmt: skip
-    """Start ``vllm serve MODEL`` (``serve_cmd``) in its own process group, logging to a file."""
+    """Start ``vllm serve MODEL`` (``serve_cmd``) in its own process group, logging to a file;
+    ``env`` is added to this process's environment."""
     cmd = [*shlex.split(serve_cmd), model, "--host", "127.0.0.1", "--port", str(port)]
     if backend.upper() not in ("", "DEFAULT"):
         cmd += ["--attention-backend", backend]
     cmd += server_args
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-    print("$", shlex.join(cmd), f"> {log_path}", flush=True)
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    print("$", prefix, shlex.join(cmd), f"> {log_path}", flush=True)
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def http_status(url: str, timeout: float = 5.0) -> int | None:
@@ -673,6 +678,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="device name in the records (default: nvidia-smi)")
     ap.add_argument("--note", default=None, help="note added to every record (e.g. how the GPU was shared)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="--launch: serve with VLLM_BATCH_INVARIANT=1 (outputs must not depend on the "
+                         "batch); otherwise: record that the server runs so")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON records")
     ap.add_argument("--details", default=None, help="JSON of every request (per backend), for debugging")
     args = ap.parse_args(argv)
@@ -697,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                 base = f"http://127.0.0.1:{args.port}"
                 log = os.path.join(args.log_dir, f"load_serve_{backend}.log")
                 proc = launch_server(args.model, backend, args.port, shlex.split(args.server_args),
-                                     log, args.serve_cmd)  # fmt: skip
+                                     log, args.serve_cmd,
+                                     {"VLLM_BATCH_INVARIANT": "1"} if args.batch_invariant else None)  # fmt: skip
                 t = time.time()
                 wait_healthy(base, proc, args.startup_timeout)
                 print(f"{backend}: healthy after {time.time() - t:.0f}s", flush=True)
@@ -733,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
             summary["error_examples"].insert(0, "/health not 200 after the run")
         extra = {"concurrency": args.concurrency, "duration_s": args.duration,
                  "max_prompt_tokens": args.max_prompt_tokens, "stream_fraction": args.stream_fraction,
-                 "cancel_fraction": args.cancel_fraction, "healthy_after": alive}  # fmt: skip
+                 "cancel_fraction": args.cancel_fraction, "healthy_after": alive,
+                 "batch_invariant": args.batch_invariant}  # fmt: skip
         if args.note:
             extra["note"] = args.note
         ctx = summary["max_prompt_tokens"] or max((t for t in summary["prompt_tokens"] if t), default=0)

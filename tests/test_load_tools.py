@@ -239,7 +239,8 @@ class FakeServer:
 def _serve_main(argv: list[str]) -> None:
     # `python tests/test_load_tools.py MODEL --host H --port P [vllm serve flags...]`
     port = int(argv[argv.index("--port") + 1])
-    print("fake serve", shlex.join(argv), flush=True)
+    print("fake serve", shlex.join(argv), "VLLM_BATCH_INVARIANT=" + os.environ.get("VLLM_BATCH_INVARIANT", ""),
+          flush=True)  # fmt: skip
     fake = FakeServer(Faults(token_delay=0.001, die_on_empty="--fake-die-on-empty" in argv), model=argv[0])
     web.run_app(fake.app(), host="127.0.0.1", port=port, access_log=None, print=None)
 
@@ -398,12 +399,15 @@ def test_launch_mode_serves_each_backend_in_turn(tmp_path):
     serve = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}"
     args = _load_args("", out, "--launch", "--serve-cmd", serve, "--model", "fake-model",
                       "--backends", "A,B", "--port", str(port), "--server-args", "--max-model-len 512",
-                      "--log-dir", str(tmp_path), "--startup-timeout", "60", "--duration", "1")  # fmt: skip
+                      "--log-dir", str(tmp_path), "--startup-timeout", "60", "--duration", "1",
+                      "--batch-invariant")  # fmt: skip
     assert load_test.main(args) == 0
     recs = _records(out)
     for b in ("A", "B"):
         assert recs[(b, "server_errors")]["value"] == 0 and recs[(b, "requests_per_s")]["value"] > 0
-        assert f"--attention-backend {b} --max-model-len 512" in open(tmp_path / f"load_serve_{b}.log").read()
+        log = open(tmp_path / f"load_serve_{b}.log").read()
+        assert f"--attention-backend {b} --max-model-len 512" in log
+        assert "VLLM_BATCH_INVARIANT=1" in log and recs[(b, "server_errors")]["batch_invariant"] is True
         assert (b, "host_rss_growth_mib") in recs  # the launched process tree was sampled
     assert load_test.http_status(f"http://127.0.0.1:{port}/health", 2) is None  # stopped
 

@@ -145,6 +145,30 @@ def test_long_context_is_allowed_only_for_our_backend(monkeypatch):
     assert "InfiniteHipStatsConnector" in str(args.kv_transfer_config)
 
 
+@pytest.mark.parametrize("invariant,given,want", [("1", None, 32), ("1", 16, 16), ("1", 64, 64), ("0", None, None)])
+def test_batch_invariant_mode_pages_hold_whole_query_blocks(monkeypatch, invariant, given, want):
+    """VLLM_BATCH_INVARIANT=1: KV pages of block_size_q tokens unless the user chose a size (a
+    prefix-cache hit then ends on a query-block boundary); the backend declares invariance."""
+    from vllm import envs
+    from vllm_hip import plugin
+    from vllm_hip.backend import InfiniteHipBackend
+
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", invariant)
+    assert not envs._is_envs_cache_enabled()  # read anew: the variable set here counts
+    assert plugin.batch_invariant_requested() is (invariant == "1")
+
+    class Args:
+        attention_backend = "INFINITEHIP"
+        attention_config = None
+        additional_config = {"infinitehip": {"block_size_q": 32, "export_metrics": False}}
+        block_size = given
+
+    args = Args()
+    plugin._prepare_engine_args(args)
+    assert args.block_size == want
+    assert InfiniteHipBackend.supports_batch_invariance()
+
+
 def test_bad_options_stop_engine_args_before_the_model_loads():
     from vllm_hip import plugin
     from vllm_hip.config import ConfigError

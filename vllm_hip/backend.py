@@ -375,6 +375,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         """This layer's view of the mask store as of its last step (for tests and debugging)."""
         self._page_cache: DevicePageCache | None = None
         self.layer_idx: int | None = None
+        from vllm_hip.plugin import batch_invariant_requested
+
         self.batch_invariant = batch_invariant_requested()
 
     # ------------------------------------------------------------------ helpers
@@ -672,17 +674,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             md.src_row, md.step_id,
         )
         return self._mask_cache
-
-
-def batch_invariant_requested() -> bool:
-    """vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``): every request's output must not
-    depend on what else is in its batch."""
-    try:
-        from vllm import envs
-
-        return bool(envs.VLLM_BATCH_INVARIANT)
-    except (ImportError, AttributeError):  # pragma: no cover - older vLLM
-        return False
 
 
 def _blocks_of_rows(md: InfiniteHipMetadata, *, decode: bool) -> torch.Tensor:

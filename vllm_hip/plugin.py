@@ -57,6 +57,17 @@ def is_infinitehip(backend: object) -> bool:
     return isinstance(name, str) and name.upper() in (BACKEND_NAME, "CUSTOM")
 
 
+def batch_invariant_requested() -> bool:
+    """vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT=1``): no request's output may depend
+    on what else is in its batch."""
+    try:
+        from vllm import envs
+
+        return bool(envs.VLLM_BATCH_INVARIANT)
+    except (ImportError, AttributeError):  # pragma: no cover - older vLLM
+        return False
+
+
 def _prepare_engine_args(engine_args: object) -> None:
     """What selecting INFINITEHIP implies for the engine, done before vLLM builds its config.
 
@@ -68,6 +79,8 @@ def _prepare_engine_args(engine_args: object) -> None:
       variable (``allow_long_context`` with ``rope_mode="streaming"``).
     - ``export_metrics`` adds the stats-only KV connector that carries worker counters to
       ``/metrics``.
+    - Batch-invariant mode: KV pages of ``block_size_q`` tokens unless the user chose a size, so
+      that prefix-cache hits (whole pages) end on query-block boundaries too.
     """
     backend = getattr(engine_args, "attention_backend", None)
     attn_cfg = getattr(engine_args, "attention_config", None)
@@ -84,6 +97,8 @@ def _prepare_engine_args(engine_args: object) -> None:
         from vllm_hip import metrics
 
         metrics.enable_stats_connector(engine_args)
+    if batch_invariant_requested():
+        _align_pages_to_query_blocks(engine_args, cfg.block_size_q)
     if "VLLM_ALLOW_LONG_MAX_MODEL_LEN" in os.environ:
         return
     if cfg.rope_mode == "streaming" and cfg.allow_long_context:
@@ -91,6 +106,21 @@ def _prepare_engine_args(engine_args: object) -> None:
         logger.info(
             "vllm-hip: INFINITEHIP with streaming RoPE serves contexts beyond the model's "
             "trained length; allowing --max-model-len above max_position_embeddings"
+        )
+
+
+def _align_pages_to_query_blocks(engine_args: object, block_size_q: int) -> None:
+    # A prefix-cache hit ends on a page boundary; a page size that is a multiple of block_size_q
+    # keeps the first recomputed query block whole, as in a run without the hit.
+    size = getattr(engine_args, "block_size", None)
+    if size is None:
+        engine_args.block_size = block_size_q  # type: ignore[attr-defined]
+        logger.info("vllm-hip: batch-invariant mode: KV pages of %d tokens (block_size_q)", block_size_q)
+    elif size % block_size_q:
+        logger.warning(
+            "vllm-hip: batch-invariant mode with --block-size %d, not a multiple of block_size_q="
+            "%d: a prefix-cache hit can split a query block, and outputs can then depend on what "
+            "the cache held", size, block_size_q,
         )
 
 
