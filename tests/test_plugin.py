@@ -1,6 +1,7 @@
 """The INFINITEHIP name resolves in every process vLLM starts, and registration is harmless."""
 
 import multiprocessing as mp
+import os
 import pickle
 import subprocess
 import sys
@@ -37,9 +38,12 @@ def test_entry_point_is_installed_and_registers_in_a_fresh_process():
     assert out.split() == ["CUSTOM", "vllm_hip.backend.InfiniteHipBackend"]
 
 
-def test_installing_us_leaves_vllms_bundled_triton_kernels_in_place(tmp_path):
+@pytest.mark.parametrize("where", ["elsewhere", "repository root"])
+def test_installing_us_leaves_vllms_bundled_triton_kernels_in_place(tmp_path, where):
     """Our kernels folder installs as ``vllm_hip_kernels``: a top-level ``triton_kernels`` would
-    be imported by vLLM in place of the OpenAI triton_kernels it bundles (its MXFP4 MoE path)."""
+    be imported by vLLM in place of the OpenAI triton_kernels it bundles (its MXFP4 MoE path).
+    In the repository root, where the folder is found by its name, it hands the name over."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = _run(
         """
         import vllm_hip_kernels.prune
@@ -48,7 +52,7 @@ def test_installing_us_leaves_vllms_bundled_triton_kernels_in_place(tmp_path):
         import triton_kernels, triton_kernels.matmul_ogs
         print("@@", triton_kernels.__name__, triton_kernels.__file__)
         """,
-        cwd=str(tmp_path),  # not the repository root, whose triton_kernels/ folder is on no path
+        cwd=str(tmp_path) if where == "elsewhere" else root,
     )
     name, path = out.split()
     assert name == "vllm.third_party.triton_kernels" and "vllm_hip" not in path, out
