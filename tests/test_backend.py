@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -512,25 +514,34 @@ def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
     assert (out.float() - ref).abs().max().item() < 2e-3
 
 
-def test_chunked_prefill_attends_like_one_pass_after_the_cut_block():
-    """vLLM cuts prompts into chunks wherever the batch's token budget ends. Query blocks are
-    aligned to absolute positions, so queries past the block that straddles the cut get the same
-    selection, hence the same output, as in one pass (before, every later block shifted)."""
+def _one_pass_and_chunked(cut: int, n: int = 700, prefill_len: int | None = None):
+    """A prompt of ``n`` tokens prefilled in one pass and in two chunks cut at ``cut`` (with the
+    model runner's prefill length published, if given): both outputs, and the chunks' blocks."""
     cfg = small_sparse_config()
     hq, hkv, d = 4, 2, 64
-    n, cut = 700, 333  # the cut falls inside block [320, 336)
     layer = FakeLayer(3)
-    outs = []
+    outs, blocks = [], []
     for spans in ([(0, n)], [(0, cut), (cut, n)]):
         batch = PagedBatch([n], hq, hkv, d, torch.float32, seed=9)
         impl = make_impl(cfg, hq, hkv, d)
         got = []
         for lo, hi in spans:
-            md, q, k, v = batch.step(cfg, [(0, lo, hi)])
+            with prefill_lens.publishing([prefill_len]) if prefill_len else contextlib.nullcontext():
+                md, q, k, v = batch.step(cfg, [(0, lo, hi)])
+            blocks.append(md.qblocks_cpu)
             got.append(run_impl(impl, layer, batch, md, q, k, v))
         outs.append(torch.cat(got))
+    return outs, blocks[1:]
+
+
+def test_chunked_prefill_attends_like_one_pass_after_the_cut_block():
+    """vLLM cuts prompts into chunks wherever the batch's token budget ends. Query blocks are
+    aligned to absolute positions, so queries past the block that straddles the cut get the same
+    selection, hence the same output, as in one pass (before, every later block shifted)."""
+    cut = 333  # inside block [320, 336)
+    (one, two), _ = _one_pass_and_chunked(cut)
     after = (cut // 16 + 1) * 16
-    assert torch.allclose(outs[0][after:], outs[1][after:], atol=1e-5), (outs[0][after:] - outs[1][after:]).abs().max()
+    assert torch.allclose(one[after:], two[after:], atol=1e-5), (one[after:] - two[after:]).abs().max()
 
 
 @pytest.mark.parametrize("published", [True, False])
@@ -539,25 +550,10 @@ def test_aligned_chunks_attend_like_one_pass_when_the_prefill_end_is_known(publi
     published by the model runner (vllm_hip.prefill_lens), only the chunk that ends the prompt
     splits off its last query: every query attends as in one pass. Without the prefill lengths
     the last query of the first chunk is split off too, and its block attends differently."""
-    cfg = small_sparse_config()
-    hq, hkv, d = 4, 2, 64
     n, cut = 700, 336  # a multiple of block_size_q=16
-    layer = FakeLayer(3)
-    outs = []
-    for spans in ([(0, n)], [(0, cut), (cut, n)]):
-        batch = PagedBatch([n], hq, hkv, d, torch.float32, seed=9)
-        impl = make_impl(cfg, hq, hkv, d)
-        got = []
-        for lo, hi in spans:
-            if published:
-                with prefill_lens.publishing([n]):
-                    md, q, k, v = batch.step(cfg, [(0, lo, hi)])
-            else:
-                md, q, k, v = batch.step(cfg, [(0, lo, hi)])
-            assert int(md.qblocks_cpu.q_len[-1]) == (1 if hi == n or not published else 16)
-            got.append(run_impl(impl, layer, batch, md, q, k, v))
-        outs.append(torch.cat(got))
-    err = (outs[0] - outs[1]).abs().amax(dim=(1, 2))
+    (one, two), chunks = _one_pass_and_chunked(cut, n, prefill_len=n if published else None)
+    assert [int(b.q_len[-1]) for b in chunks] == ([16, 1] if published else [1, 1])
+    err = (one - two).abs().amax(dim=(1, 2))
     if published:
         assert err.max().item() < 1e-5, err.max()
     else:
