@@ -590,8 +590,9 @@ def test_prefill_lens_hooks_the_real_runners():
         assert fn._vllm_hip and not getattr(fn.__wrapped__, "_vllm_hip", False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("invariant", [True, False])
-def test_batch_invariant_launches_do_not_follow_the_batch(invariant, monkeypatch):
+def test_batch_invariant_launches_do_not_follow_the_batch(invariant, dtype, monkeypatch):
     """VLLM_BATCH_INVARIANT=1: kernels are launched with tiles sized for a full query block and
     one split-K partition, whatever else is in the batch; a long request's decode step and a
     short one's (exact alone, pruned beside a long one) give the same outputs alone and in a
@@ -606,7 +607,7 @@ def test_batch_invariant_launches_do_not_follow_the_batch(invariant, monkeypatch
     monkeypatch.setattr(prune_mod, "_launch_config", lambda *a: seen["prune"].append(a[:3]) or launch_config(*a))
     cfg = small_sparse_config()
     hq, hkv, d = 4, 2, 64
-    batch = PagedBatch([700, 90, 120], hq, hkv, d, torch.float32, seed=5)
+    batch = PagedBatch([700, 90, 120], hq, hkv, d, dtype, seed=5)
     layer = FakeLayer(3)
     for i, upto in ((0, 699), (2, 119)):
         batch.prefill_context(i, upto, layer)
