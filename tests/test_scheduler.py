@@ -46,11 +46,12 @@ def vllm_config(tmp_path_factory):
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
     ).save_pretrained(model)  # fmt: skip
 
-    def make(budget=300, rows=4, hip=None, async_scheduling=False):
+    def make(budget=300, rows=4, hip=None, async_scheduling=False, threshold=0):
         mc = ModelConfig(model=str(model), skip_tokenizer_init=True, max_model_len=8192)
         sc = SchedulerConfig(
             max_num_seqs=rows, max_num_batched_tokens=budget, max_model_len=8192,
             enable_chunked_prefill=True, async_scheduling=async_scheduling, is_encoder_decoder=False,
+            long_prefill_token_threshold=threshold,
         )  # fmt: skip
         cc = CacheConfig(block_size=16, enable_prefix_caching=False)
         cc.num_gpu_blocks = 2000
@@ -110,9 +111,14 @@ def test_aligned_scheduler_follows_block_size_q_and_can_be_turned_off(vllm_confi
     assert all(e % 16 == 0 for e in ends["1"][:-1]) and any(e % 64 for e in ends["1"][:-1])
     off = _chunks(AlignedScheduler, vllm_config(hip={"align_prefill_chunks": False}), [50, 1000])
     assert any(e % 16 for e in off["1"][:-1])
-    # A budget that could not always reach the next boundary is not aligned (never stall).
+    # A budget or a long-prefill cap that could not always reach the next boundary: not aligned
+    # (a prompt must never stall).
     small = _chunks(AlignedScheduler, vllm_config(budget=100, rows=40), [50, 1000])
     assert any(e % 64 for e in small["1"][:-1])
+    capped = _chunks(AlignedScheduler, vllm_config(threshold=40), [50, 1000])
+    assert capped["1"][:3] == [40, 80, 120]
+    # a cap of a block or more keeps the alignment
+    assert all(e % 64 == 0 for e in _chunks(AlignedScheduler, vllm_config(threshold=100), [50, 1000])["1"][:-1])
 
 
 def _engine_config(backend="INFINITEHIP", hip=None, scheduler_cls=None, async_scheduling=True):

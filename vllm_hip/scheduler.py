@@ -55,13 +55,17 @@ class _AlignedChunks:
         cfg = InfiniteHipConfig.from_vllm_additional_config(vllm_config.additional_config)
         sc = vllm_config.scheduler_config
         budget, rows = int(sc.max_num_batched_tokens), int(sc.max_num_seqs)
+        threshold = int(sc.long_prefill_token_threshold or 0)
         align = cfg.block_size_q if cfg.align_prefill_chunks else 1
-        if align > 1 and budget < rows + align:
-            # Decodes are scheduled first (one token per row); what is left of the budget must
-            # always reach the next boundary, or a prompt could wait forever.
+        # Decodes are scheduled first (one token per row), and long prefills may be capped at
+        # long_prefill_token_threshold: what a prefill can still get must always reach the next
+        # boundary, or a prompt could wait forever.
+        if align > 1 and (budget < rows + align or 0 < threshold < align):
             logger.warning(
-                "vllm-hip: --max-num-batched-tokens=%d is below --max-num-seqs + block_size_q "
-                "= %d; prefill chunks are not aligned to query blocks", budget, rows + align,
+                "vllm-hip: prefill chunks are not aligned to query blocks: --max-num-batched-tokens"
+                "=%d must be at least --max-num-seqs + block_size_q = %d, and "
+                "long_prefill_token_threshold (%d) 0 or at least block_size_q (%d)",
+                budget, rows + align, threshold, align,
             )
             align = 1
         self._hip_align = align
