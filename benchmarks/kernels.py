@@ -80,6 +80,10 @@ def fa3_decode(q, kc, vc, bt, ctx, scale):
     return run, out
 
 
+#: Launch options of ``--batch-invariant`` (what the backend passes under VLLM_BATCH_INVARIANT=1).
+INVARIANT: dict = {}
+
+
 def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
     """Closures for each kind of step, plus the selection of a full refresh."""
     nq = q.shape[0]
@@ -95,7 +99,8 @@ def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
                            query_pool=s.query_pool))
         for i, s in enumerate(cfg.stages)
     ]  # fmt: skip
-    kw = dict(sink_tokens=cfg.sink_tokens)
+    kw = dict(sink_tokens=cfg.sink_tokens, score_norm=cfg.score_norm,
+              tile_q_len=INVARIANT.get("tile_q_len"))  # fmt: skip
     sel, cnt, inputs = select_blocks(q, kc, bt, seq_lens, qb, stages, **kw)
     out = torch.empty_like(q)
 
@@ -103,7 +108,7 @@ def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
         sparse_attention(
             q, kc, vc, bt, seq_lens, qb, s, c, sink_tokens=cfg.sink_tokens,
             block_size_k=cfg.block_size_k, sm_scale=scale, out=out,
-            window_tokens=cfg.window_tokens,
+            window_tokens=cfg.window_tokens, **INVARIANT,
         )  # fmt: skip
 
     def from_stage(i):
@@ -144,7 +149,8 @@ def run_decode(ctx: int, cfg: InfiniteHipConfig, dev: str, cmd: str, layer: int)
     t_eager = {k: bench(f, graph=False) * 1e3 for k, f in steps.items()}
     avg = schedule_average(t, cfg)
     base = dict(context_tokens=ctx, device=dev, command=cmd, unit="us", batch_size=1,
-                num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer)
+                num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer,
+                batch_invariant=bool(INVARIANT), score_norm=cfg.score_norm)
     rec.append(dict(metric="decode_attention_us", backend="FLASH_ATTN", value=t_fa, **base))
     for k, v in t.items():
         rec.append(dict(metric="decode_attention_us", backend=f"INFINITEHIP[{k}]", value=v,
@@ -182,7 +188,8 @@ def run_prefill(ctx: int, chunk: int, cfg: InfiniteHipConfig, dev: str, cmd: str
     print(f"prefill ctx={ctx:>8} chunk={nq}: FA3 {t_fa:8.2f} ms | ours {t_ours:8.2f} ms "
           f"({t_fa / t_ours:.2f}x)", flush=True)
     base = dict(context_tokens=ctx, device=dev, command=cmd, unit="ms", chunk_tokens=nq,
-                num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer)
+                num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer,
+                batch_invariant=bool(INVARIANT), score_norm=cfg.score_norm)
     del kc, vc
     torch.cuda.empty_cache()
     return [
@@ -200,9 +207,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=5, help="layer index (< early_layers uses k=4096)")
     ap.add_argument("--config", default="{}", help="infinitehip options as JSON")
     ap.add_argument("--recall", action="store_true", help="also measure top-k recall on SmolLM2")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="launch as under VLLM_BATCH_INVARIANT=1 (tiles for a full query block, one split)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = InfiniteHipConfig.from_dict(json.loads(args.config))
+    if args.batch_invariant:
+        INVARIANT.update(tile_q_len=cfg.block_size_q, num_splits=1)
     dev = torch.cuda.get_device_name(0)
     cmd = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     records: list[dict] = []
