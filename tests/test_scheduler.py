@@ -46,14 +46,14 @@ def vllm_config(tmp_path_factory):
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
     ).save_pretrained(model)  # fmt: skip
 
-    def make(budget=300, rows=4, hip=None, async_scheduling=False, threshold=0):
+    def make(budget=300, rows=4, hip=None, async_scheduling=False, threshold=0, prefix_caching=False):
         mc = ModelConfig(model=str(model), skip_tokenizer_init=True, max_model_len=8192)
         sc = SchedulerConfig(
             max_num_seqs=rows, max_num_batched_tokens=budget, max_model_len=8192,
             enable_chunked_prefill=True, async_scheduling=async_scheduling, is_encoder_decoder=False,
             long_prefill_token_threshold=threshold,
         )  # fmt: skip
-        cc = CacheConfig(block_size=16, enable_prefix_caching=False)
+        cc = CacheConfig(block_size=16, enable_prefix_caching=prefix_caching)
         cc.num_gpu_blocks = 2000
         return VllmConfig(
             device_config=DeviceConfig(device="cpu"), model_config=mc, scheduler_config=sc,
@@ -63,19 +63,28 @@ def vllm_config(tmp_path_factory):
     return make
 
 
-def _chunks(cls, vllm_config, prompts):
-    """Schedule ``prompts`` (token counts) until every prefill is done; the chunk ends of each."""
-    from vllm import SamplingParams
+def _scheduler(cls, vllm_config):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
 
     spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=64, dtype=torch.float32)
     kv = KVCacheConfig(num_blocks=2000, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)])
-    s = cls(vllm_config=vllm_config, kv_cache_config=kv, block_size=16,
-            structured_output_manager=StructuredOutputManager(vllm_config))  # fmt: skip
+    return cls(vllm_config=vllm_config, kv_cache_config=kv, block_size=16,
+               structured_output_manager=StructuredOutputManager(vllm_config))  # fmt: skip
+
+
+def _request(rid: str, tokens: list[int], hasher=None):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(rid, tokens, SamplingParams(max_tokens=4), None, block_hasher=hasher)
+
+
+def _chunks(cls, vllm_config, prompts):
+    """Schedule ``prompts`` (token counts) until every prefill is done; the chunk ends of each."""
+    s = _scheduler(cls, vllm_config)
     for i, n in enumerate(prompts):
-        s.add_request(Request(str(i), list(range(n)), SamplingParams(max_tokens=4), None))
+        s.add_request(_request(str(i), list(range(n))))
     done = {str(i): 0 for i in range(len(prompts))}
     ends: dict[str, list[int]] = {k: [] for k in done}
     for _ in range(50):
@@ -119,6 +128,29 @@ def test_aligned_scheduler_follows_block_size_q_and_can_be_turned_off(vllm_confi
     assert capped["1"][:3] == [40, 80, 120]
     # a cap of a block or more keeps the alignment
     assert all(e % 64 == 0 for e in _chunks(AlignedScheduler, vllm_config(threshold=100), [50, 1000])["1"][:-1])
+
+
+def test_a_prefix_cache_hit_mid_block_is_realigned_at_the_next_boundary(vllm_config):
+    """A hit ends on a KV page (16 tokens here): the next chunk ends on a query-block boundary
+    again (with --block-size 64, as batch-invariant mode sets, hits are aligned themselves)."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    sha = get_hash_fn_by_name("sha256")
+    init_none_hash(sha)
+    hasher = get_request_block_hasher(16, sha)
+    s = _scheduler(AlignedScheduler, vllm_config(prefix_caching=True))
+    first = list(range(1000))
+    s.add_request(_request("a", first, hasher))
+    for _ in range(4):
+        s.schedule()  # a's prefill: its full pages enter the prefix cache
+    s.add_request(_request("b", first[:700] + [7] * 300, hasher))
+    out = s.schedule()
+    (new,) = out.scheduled_new_reqs
+    hit = new.num_computed_tokens
+    assert hit % 16 == 0 and hit % 64 and 0 < hit <= 700  # a page boundary inside a query block
+    end = hit + out.num_scheduled_tokens["b"]
+    assert end % 64 == 0 or end == 1000, (hit, end)
 
 
 def _engine_config(backend="INFINITEHIP", hip=None, scheduler_cls=None, async_scheduling=True):
