@@ -80,8 +80,10 @@ def fa3_decode(q, kc, vc, bt, ctx, scale):
     return run, out
 
 
-#: Launch options of ``--batch-invariant`` (what the backend passes under VLLM_BATCH_INVARIANT=1).
+#: Launch options of ``--batch-invariant`` (what the backend passes under VLLM_BATCH_INVARIANT=1)
+#: for blocks of many queries and for one-query blocks.
 INVARIANT: dict = {}
+DECODE_INVARIANT: dict = {}
 
 
 def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
@@ -99,8 +101,9 @@ def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
                            query_pool=s.query_pool))
         for i, s in enumerate(cfg.stages)
     ]  # fmt: skip
+    launch = DECODE_INVARIANT if nq == 1 else INVARIANT
     kw = dict(sink_tokens=cfg.sink_tokens, score_norm=cfg.score_norm,
-              tile_q_len=INVARIANT.get("tile_q_len"))  # fmt: skip
+              tile_q_len=launch.get("tile_q_len"))  # fmt: skip
     sel, cnt, inputs = select_blocks(q, kc, bt, seq_lens, qb, stages, **kw)
     out = torch.empty_like(q)
 
@@ -108,7 +111,7 @@ def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
         sparse_attention(
             q, kc, vc, bt, seq_lens, qb, s, c, sink_tokens=cfg.sink_tokens,
             block_size_k=cfg.block_size_k, sm_scale=scale, out=out,
-            window_tokens=cfg.window_tokens, **INVARIANT,
+            window_tokens=cfg.window_tokens, **launch,
         )  # fmt: skip
 
     def from_stage(i):
@@ -213,7 +216,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = InfiniteHipConfig.from_dict(json.loads(args.config))
     if args.batch_invariant:
+        # what the backend launches for this script's blocks: one-query blocks (decode) with
+        # decode tiles and fixed splits, longer blocks (the prefill chunk) with full tiles
+        from vllm_hip.backend import INVARIANT_DECODE_SPLITS
+
         INVARIANT.update(tile_q_len=cfg.block_size_q, num_splits=1)
+        DECODE_INVARIANT.update(tile_q_len=1, num_splits=cfg.decode_splits or INVARIANT_DECODE_SPLITS)
     dev = torch.cuda.get_device_name(0)
     cmd = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     records: list[dict] = []

@@ -593,9 +593,9 @@ def test_prefill_lens_hooks_the_real_runners():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("invariant", [True, False])
 def test_batch_invariant_launches_do_not_follow_the_batch(invariant, dtype, monkeypatch):
-    """VLLM_BATCH_INVARIANT=1: kernels are launched with tiles sized for a full query block and
-    one split-K partition, whatever else is in the batch; a long request's decode step and a
-    short one's (exact alone, pruned beside a long one) give the same outputs alone and in a
+    """VLLM_BATCH_INVARIANT=1: one-query and longer query blocks are launched apart, each kind
+    with fixed tiles and split-K, whatever else is in the batch; a long request's decode step and
+    a short one's (exact alone, pruned beside a long one) give the same outputs alone and in a
     mixed batch. Without it the tiles follow the batch's longest block (what makes GPU results
     differ; the interpreter's arithmetic happens not to)."""
     from vllm_hip_kernels import prune as prune_mod
@@ -626,11 +626,36 @@ def test_batch_invariant_launches_do_not_follow_the_batch(invariant, dtype, monk
     attn_alone, prune_alone = list(seen["attn"]), list(seen["prune"])
     mixed = run([(1, 0, 90), (0, 699, 700), (2, 119, 120)], decode_rows=(1, 2))
     if invariant:
-        # one attention tile shape; per pruning stage (chunk size) one scoring tile shape
-        assert set(seen["attn"]) == {16}, seen
-        assert len(set(seen["prune"])) == len({c for _, _, c in seen["prune"]}) == 2, seen
+        # one-query blocks (decode, a prompt's split-off last query) and longer ones are launched
+        # apart, each kind with tiles of its own that no batch changes
+        assert set(attn_alone) == {1} and set(seen["attn"]) == {1, 16}, seen
+        assert all(n is None for _, n, _ in seen["prune"])  # chunk tiles not from the batch
+        assert set(prune_alone) < set(seen["prune"]), seen
         assert torch.equal(mixed[0], alone_long[0])
         assert torch.equal(mixed[2], alone_short[2])  # pruning kept every block, in order
     else:
         assert set(attn_alone) == {1} and 16 in seen["attn"], seen
         assert set(prune_alone) != set(seen["prune"][len(prune_alone):])
+
+
+def test_batch_invariant_classes_keep_the_prompt_end_state_for_decode():
+    """In batch-invariant mode a prompt's split-off last query is launched with the one-query
+    blocks, apart from the rest of its chunk; the pruning state the first decode step reuses must
+    still be that last query's (the mask cache keeps each prefill row's last block)."""
+    cfg = small_sparse_config(refresh=(4, 2))
+    hq, hkv, d = 4, 2, 64
+    n = 691  # the first decode position, 691, is due for no stage: it reuses the prompt's state
+    outs = {}
+    for invariant in (False, True):
+        batch = PagedBatch([n + 2], hq, hkv, d, torch.float32, seed=11)
+        layer = FakeLayer(3)
+        impl = make_impl(cfg, hq, hkv, d)
+        impl.batch_invariant = invariant
+        with prefill_lens.publishing([n]):
+            md, q, k, v = batch.step(cfg, [(0, 0, n)])
+        assert int(md.qblocks_cpu.q_len[-1]) == 1  # the split-off last query
+        run_impl(impl, layer, batch, md, q, k, v)
+        md, q, k, v = batch.step(cfg, [(0, n, n + 1)], step_id=2, decode_rows=(0,))
+        outs[invariant] = run_impl(impl, layer, batch, md, q, k, v)
+        assert impl._reused_all  # the decode step took the stored selection
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-6, rtol=0)

@@ -87,6 +87,9 @@ class InfiniteHipMetadata:
     step by the first layer that uses that k."""
     all_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
+    launch_classes: list["_LaunchClass"] | None = None
+    """The step's query blocks by kernel launch (filled by the first layer; see
+    ``InfiniteHipImpl._launch_classes``)."""
     decode_blocks: torch.Tensor | None = None
     """Offload: device indices of the query blocks of decode rows (filled by the first layer)."""
     prefill_window_pages: torch.Tensor | None = None
@@ -280,10 +283,10 @@ class InfiniteHipBackend(AttentionBackend):
 
     @classmethod
     def supports_batch_invariance(cls) -> bool:
-        # Under VLLM_BATCH_INVARIANT=1 the impl launches every kernel with tiles sized for a
-        # full query block and one split-K partition (_launch_options), selection ties
-        # break by position, and prefill chunks are cut at query-block boundaries
-        # (vllm_hip.scheduler): a request's attention does not depend on its neighbours.
+        # Under VLLM_BATCH_INVARIANT=1 the impl launches one-query and many-query blocks apart,
+        # each kind with fixed tiles and split-K (_launch_classes), selection ties break by
+        # position, and prefill chunks are cut at query-block boundaries (vllm_hip.scheduler):
+        # a request's attention does not depend on its neighbours.
         return True
 
     @classmethod
@@ -451,15 +454,20 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             max_window_pages=(cfg.window_tokens + cfg.block_size_q) // page_size + 2,
         )
 
-    def _launch_options(self, md: InfiniteHipMetadata) -> dict[str, int]:
-        """Kernel launch sizes: by the batch (fastest), or fixed (batch-invariant serving)."""
-        cfg = self.hip_config
-        if not self.batch_invariant:
-            return {"num_splits": cfg.decode_splits}
-        # A query block never holds more than block_size_q queries; one split-K partition keeps
-        # each query's reduction order its own (a decode query reads sink + k + window keys,
-        # ~3.3K by default, however long the context).
-        return {"num_splits": 1, "tile_q_len": max(cfg.block_size_q, md.qblocks_cpu.max_q_len)}
+    def _launch_classes(self, md: InfiniteHipMetadata) -> list["_LaunchClass"]:
+        """How the step's query blocks are launched (made by the first layer, once per step).
+
+        By default all in one launch, tiles and split-K sized by the batch (fastest). In
+        batch-invariant mode a query's reduction order must not depend on its neighbours, so
+        tile sizes and split-K counts are fixed per kind of block, and the kinds are launched
+        apart: one-query blocks (decode, and a prompt's split-off last query) with decode tiles
+        and ``decode_splits`` (8 if 0) partitions, longer blocks with tiles for ``block_size_q``
+        queries and one partition."""
+        if md.launch_classes is None:
+            md.launch_classes = launch_classes(
+                md.qblocks, md.qblocks_cpu, self.hip_config, self.batch_invariant
+            )
+        return md.launch_classes
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -518,28 +526,29 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         from vllm_hip_kernels import sparse_attention as sa
 
         out = output[:n].view(n, self.num_heads, self.head_size)
-        sa.sparse_attention(
-            q,
-            key_cache,
-            value_cache,
-            md.block_table,
-            md.seq_lens,
-            md.qblocks,
-            sel,
-            sel_count,
-            sink_tokens=self.hip_config.sink_tokens,
-            block_size_k=self.hip_config.block_size_k,
-            sm_scale=self.scale,
-            softcap=self.logits_soft_cap,
-            k_scale=k_scale,
-            v_scale=v_scale,
-            cos=rope[0] if rope is not None else None,
-            sin=rope[1] if rope is not None else None,
-            window_tokens=self.hip_config.window_tokens,
-            page_cache=cached,
-            out=out,  # straight into vLLM's output buffer (no copy)
-            **self._launch_options(md),
-        )
+        for kind in self._launch_classes(md):
+            sa.sparse_attention(
+                q,
+                key_cache,
+                value_cache,
+                md.block_table,
+                md.seq_lens,
+                kind.blocks,
+                sel if kind.idx is None else sel[kind.idx],
+                sel_count if kind.idx is None else sel_count[kind.idx],
+                sink_tokens=self.hip_config.sink_tokens,
+                block_size_k=self.hip_config.block_size_k,
+                sm_scale=self.scale,
+                softcap=self.logits_soft_cap,
+                k_scale=k_scale,
+                v_scale=v_scale,
+                cos=rope[0] if rope is not None else None,
+                sin=rope[1] if rope is not None else None,
+                window_tokens=self.hip_config.window_tokens,
+                page_cache=cached,
+                out=out,  # straight into vLLM's output buffer (no copy)
+                **kind.options,
+            )
         if pc is not None and not self._reused_all:
             # A step that reused every selection reads the pages admitted when they were made
             # (plus the window's newest tokens, read from host memory until the next refresh):
@@ -606,7 +615,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 window_tokens=cfg.window_tokens,
                 k_tokens=k_tokens,
             )
-            md.plans[k_tokens] = (plan, _DevicePlan.of(plan, qb, qb_cpu))
+            md.plans[k_tokens] = (plan, _DevicePlan.of(plan, qb, qb_cpu, self._launch_classes(md)))
         plan, dev_plan = md.plans[k_tokens]
         cache = self._layer_mask_cache(stages, md, q.device)
 
@@ -620,17 +629,14 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             return cache.sel[r, :width], cache.sel_count[r]
         sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
         sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
-        for s, group in enumerate(dev_plan.groups):
-            if group is None:
-                continue
+        for s, group in dev_plan.groups:
             cached = None
             if s > 0:
                 starts, count = cache.stage_inputs[s]  # type: ignore[misc]
                 cached = (starts[group.rows], count[group.rows])
             got_sel, got_cnt, stage_inputs = prune.select_blocks(
                 q, key_cache, md.block_table, md.seq_lens, group.blocks, stages,
-                cached_inputs=cached, first_stage=s, **common,
-                tile_q_len=self._launch_options(md).get("tile_q_len"),
+                cached_inputs=cached, first_stage=s, tile_q_len=group.tile_q_len, **common,
             )  # fmt: skip
             w = min(width, got_sel.shape[1])
             sel[group.idx, :w] = got_sel[:, :w]
@@ -697,35 +703,94 @@ class _Group:
     """Positions within the group whose state is saved (decode blocks and each prefill row's
     last block), None if none."""
     keep_rows: torch.Tensor | None
+    tile_q_len: int | None
+    """Fixed tile size of the pruning launches (batch-invariant mode), else None."""
 
 
 @dataclass(frozen=True)
 class _DevicePlan:
     """A :class:`RefreshPlan` moved to the device once per step and k, not once per layer."""
 
-    groups: list[_Group | None]
+    groups: list[tuple[int, _Group]]
+    """(first stage, blocks that rerun pruning from it), one per stage and launch class."""
     reuse_idx: torch.Tensor
     reuse_rows: torch.Tensor
 
     @classmethod
-    def of(cls, plan: RefreshPlan, qb: QueryBlocks, qb_cpu: QueryBlocks) -> "_DevicePlan":
+    def of(cls, plan: RefreshPlan, qb: QueryBlocks, qb_cpu: QueryBlocks,
+           classes: list["_LaunchClass"]) -> "_DevicePlan":  # fmt: skip
         dev = qb.seq.device
         rows_dev = qb.seq.long()
-        groups: list[_Group | None] = []
-        for idx_cpu in plan.groups:
-            if idx_cpu.numel() == 0:
-                groups.append(None)
+        groups: list[tuple[int, _Group]] = []
+        for s, stage_idx in enumerate(plan.groups):
+            if stage_idx.numel() == 0:
                 continue
-            idx = idx_cpu.to(dev, non_blocking=True)
-            keep = _blocks_to_store(plan, idx_cpu)
-            k_dev = keep.to(dev, non_blocking=True) if keep.numel() else None
-            groups.append(_Group(
-                blocks=subset_blocks(qb, qb_cpu, idx_cpu), idx=idx, rows=rows_dev[idx],
-                size=int(idx_cpu.numel()), keep=k_dev,
-                keep_rows=rows_dev[idx[k_dev]] if k_dev is not None else None,
-            ))  # fmt: skip
+            # which blocks' state is saved is decided over the whole stage group (a prefill
+            # row's last block may sit in another launch class than its other blocks)
+            to_store = torch.zeros(stage_idx.numel(), dtype=torch.bool)
+            to_store[_blocks_to_store(plan, stage_idx)] = True
+            for kind in classes:
+                mine = kind.contains(stage_idx)
+                if not bool(mine.any()):
+                    continue
+                idx_cpu, keep = stage_idx[mine], torch.nonzero(to_store[mine]).flatten()
+                idx = idx_cpu.to(dev, non_blocking=True)
+                k_dev = keep.to(dev, non_blocking=True) if keep.numel() else None
+                groups.append((s, _Group(
+                    blocks=subset_blocks(qb, qb_cpu, idx_cpu), idx=idx, rows=rows_dev[idx],
+                    size=int(idx_cpu.numel()), keep=k_dev,
+                    keep_rows=rows_dev[idx[k_dev]] if k_dev is not None else None,
+                    tile_q_len=kind.options.get("tile_q_len"),
+                )))  # fmt: skip
         reuse_idx = plan.reuse.to(dev, non_blocking=True)
         return cls(groups=groups, reuse_idx=reuse_idx, reuse_rows=rows_dev[reuse_idx])
+
+
+#: Split-K partitions of one-query blocks in batch-invariant mode when decode_splits is 0.
+INVARIANT_DECODE_SPLITS = 8
+
+
+@dataclass(frozen=True)
+class _LaunchClass:
+    """Query blocks launched together, with their launch options."""
+
+    single_query: bool | None
+    """Only one-query blocks (True), only longer ones (False), or all (None)."""
+    idx: torch.Tensor | None
+    """Device indices of the blocks among the step's (None: all of them)."""
+    blocks: QueryBlocks
+    options: dict[str, int]
+    """``num_splits`` and, in batch-invariant mode, ``tile_q_len`` of the launches."""
+    q_len_cpu: torch.Tensor | None = None
+    """Host ``q_len`` of all the step's blocks (to sort blocks into classes)."""
+
+    def contains(self, idx_cpu: torch.Tensor) -> torch.Tensor:
+        """Which of the blocks ``idx_cpu`` (host indices among the step's) belong here."""
+        if self.single_query is None or self.q_len_cpu is None:
+            return torch.ones(idx_cpu.numel(), dtype=torch.bool)
+        return (self.q_len_cpu[idx_cpu] == 1) == self.single_query
+
+
+def launch_classes(
+    qb: QueryBlocks, qb_cpu: QueryBlocks, cfg: InfiniteHipConfig, batch_invariant: bool
+) -> list[_LaunchClass]:
+    """The step's query blocks by kernel launch (see ``InfiniteHipImpl._launch_classes``)."""
+    if not batch_invariant:
+        return [_LaunchClass(None, None, qb, {"num_splits": cfg.decode_splits})]
+    q_len = qb_cpu.q_len.long()
+    out = []
+    for single in (True, False):
+        idx_cpu = torch.nonzero((q_len == 1) == single).flatten()
+        if idx_cpu.numel() == 0:
+            continue
+        options = (
+            {"tile_q_len": 1, "num_splits": cfg.decode_splits or INVARIANT_DECODE_SPLITS}
+            if single
+            else {"tile_q_len": cfg.block_size_q, "num_splits": 1}
+        )
+        out.append(_LaunchClass(single, idx_cpu.to(qb.seq.device, non_blocking=True),
+                                subset_blocks(qb, qb_cpu, idx_cpu), options, q_len))  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,8 @@ class InfiniteHipConfig:
     only carries the workers' counters to the API server; see docs/metrics.md)."""
 
     decode_splits: int = 0
-    """Split-K partitions of decode attention (0 = chosen per batch by a fixed heuristic)."""
+    """Split-K partitions of decode attention (0 = chosen per batch by a fixed heuristic; under
+    ``VLLM_BATCH_INVARIANT=1``, where the count may not follow the batch, 0 means 8)."""
 
     offload: bool = False
     """Keep the full KV cache in pinned host memory and a cache of hot blocks on the GPU."""
