@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -29,30 +30,30 @@ logger = logging.getLogger("vllm_hip")
 
 __all__ = ["current", "publishing", "install", "split_rows"]
 
-_current: torch.Tensor | None = None
+# Per thread: a runner building two micro-batches' metadata at once must not mix them up.
+_local = threading.local()
 
 
 def current() -> torch.Tensor | None:
     """The prefill lengths of the rows whose metadata is being built, or None outside."""
-    return _current
+    return getattr(_local, "lens", None)
 
 
 @contextlib.contextmanager
 def publishing(prefill_lens: Any) -> Iterator[None]:
     """Make ``prefill_lens`` (per row, array-like) :func:`current` for the duration."""
-    global _current
-    previous = _current
-    _current = torch.as_tensor(prefill_lens).to("cpu", torch.int64).clone()
+    previous = current()
+    _local.lens = torch.as_tensor(prefill_lens).to("cpu", torch.int64).clone()
     try:
         yield
     finally:
-        _current = previous
+        _local.lens = previous
 
 
 def split_rows(seq_lens_cpu: torch.Tensor, enabled: bool) -> torch.Tensor | bool:
     """The rows whose chunk ends the prefill (``seq_len >= prefill_len``), as the
     ``split_last`` argument of ``build_query_blocks``; the bool ``enabled`` when unknown."""
-    lens = _current
+    lens = current()
     if not enabled or lens is None:
         return enabled
     n = int(seq_lens_cpu.shape[0])
