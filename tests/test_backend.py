@@ -8,9 +8,8 @@ across steps whose batch rows move.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
