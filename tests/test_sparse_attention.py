@@ -509,3 +509,52 @@ def test_llama_decode_shape_matches_reference():
     )
     out, lse = sparse_attention(*case.args(), **case.kwargs, return_lse=True, window_tokens=1024)
     check_against_reference(case, out, lse)
+
+
+# ------------------------------------------------------------------ GPU-only: batch invariance
+def _blocks_of(qb_cpu: QueryBlocks, rows: set[int], single: bool) -> torch.Tensor:
+    seq, q_len = qb_cpu.seq.long(), qb_cpu.q_len.long()
+    keep = torch.tensor([int(s) in rows for s in seq]) & ((q_len == 1) == single)
+    return torch.nonzero(keep).flatten()
+
+
+def _launch(case: Case, qb_cpu: QueryBlocks, idx: torch.Tensor, out: torch.Tensor, **options):
+    from vllm_hip.masks import subset_blocks
+
+    dev_idx = idx.to(DEVICE)
+    sparse_attention(
+        case.q, case.key_cache, case.value_cache, case.block_table, case.seq_lens,
+        subset_blocks(case.qblocks, qb_cpu, idx), case.sel_blocks[dev_idx], case.sel_count[dev_idx],
+        **case.kwargs, window_tokens=1024, out=out, **options,
+    )  # fmt: skip
+
+
+@gpu
+@requires_cuda
+def test_fixed_launches_keep_a_block_independent_of_its_batch():
+    """What the backend launches under VLLM_BATCH_INVARIANT=1, at Llama-3.1-8B shapes: a decode
+    row's output (one-query launch: decode tiles, 8 splits) and a prefill chunk's (tiles for 64
+    queries, one split) are bitwise the same alone and beside other rows. The default launches'
+    difference is printed (measured, not asserted: it is what the mode exists to remove)."""
+    ragged = [(1, 9000), (700, 5000), (1, 3000), (200, 2000)]
+    case = make_case(ragged=ragged, heads=(32, 8), head_dim=128, dtype=torch.bfloat16, rope=True,
+                     sink=256, window=1024, max_sel=256, seed=3)  # fmt: skip
+    qsl = torch.tensor([0] + [a for a, _ in ragged]).cumsum(0)
+    qb_cpu = build_query_blocks(qsl, torch.tensor([b for _, b in ragged]), block_size_q=64,
+                                sink_tokens=256, window_tokens=1024)  # fmt: skip
+    kinds = {True: dict(tile_q_len=1, num_splits=8), False: dict(tile_q_len=64, num_splits=1)}
+    rows_of = {True: (0, {0, 2}), False: (1, {1, 3})}  # (the row checked, the rows beside it)
+    for single, (row, batch_rows) in rows_of.items():
+        alone, mixed = torch.zeros_like(case.q), torch.zeros_like(case.q)
+        _launch(case, qb_cpu, _blocks_of(qb_cpu, {row}, single), alone, **kinds[single])
+        _launch(case, qb_cpu, _blocks_of(qb_cpu, batch_rows, single), mixed, **kinds[single])
+        lo, hi = int(qsl[row]), int(qsl[row + 1])
+        assert torch.equal(alone[lo:hi], mixed[lo:hi]), (single, (alone[lo:hi] - mixed[lo:hi]).abs().max())
+        # the default: one launch for the whole batch, tiles and splits chosen from it
+        default_alone, default_mixed = torch.zeros_like(case.q), torch.zeros_like(case.q)
+        _launch(case, qb_cpu, _blocks_of(qb_cpu, {row}, single), default_alone)
+        all_blocks = torch.arange(qb_cpu.num_blocks)
+        _launch(case, qb_cpu, all_blocks, default_mixed)
+        diff = (default_alone[lo:hi].float() - default_mixed[lo:hi].float()).abs().max().item()
+        print(f"default launches, {'decode' if single else 'prefill'} row alone vs in the batch: "
+              f"max |diff| {diff:.3g}")
