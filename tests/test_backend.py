@@ -9,6 +9,7 @@ across steps whose batch rows move.
 from __future__ import annotations
 
 import contextlib
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -513,24 +514,35 @@ def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
     assert (out.float() - ref).abs().max().item() < 2e-3
 
 
-def _one_pass_and_chunked(cut: int, n: int = 700, prefill_len: int | None = None):
-    """A prompt of ``n`` tokens prefilled in one pass and in two chunks cut at ``cut`` (with the
-    model runner's prefill length published, if given): both outputs, and the chunks' blocks."""
+PROMPT = 500  # tokens of the chunked-prefill tests' prompt (pruned: more than sink + window + k)
+
+
+def _prefill(spans, prefill_len: int | None = None):
+    """Prefill a prompt of PROMPT tokens in the chunks ``spans`` (with the model runner's prefill
+    length published, if given): the output of every query, and each chunk's query blocks."""
     cfg = small_sparse_config()
     hq, hkv, d = 4, 2, 64
     layer = FakeLayer(3)
-    outs, blocks = [], []
-    for spans in ([(0, n)], [(0, cut), (cut, n)]):
-        batch = PagedBatch([n], hq, hkv, d, torch.float32, seed=9)
-        impl = make_impl(cfg, hq, hkv, d)
-        got = []
-        for lo, hi in spans:
-            with prefill_lens.publishing([prefill_len]) if prefill_len else contextlib.nullcontext():
-                md, q, k, v = batch.step(cfg, [(0, lo, hi)])
-            blocks.append(md.qblocks_cpu)
-            got.append(run_impl(impl, layer, batch, md, q, k, v))
-        outs.append(torch.cat(got))
-    return outs, blocks[1:]
+    batch = PagedBatch([PROMPT], hq, hkv, d, torch.float32, seed=9)
+    impl = make_impl(cfg, hq, hkv, d)
+    got, blocks = [], []
+    for lo, hi in spans:
+        with prefill_lens.publishing([prefill_len]) if prefill_len else contextlib.nullcontext():
+            md, q, k, v = batch.step(cfg, [(0, lo, hi)])
+        blocks.append(md.qblocks_cpu)
+        got.append(run_impl(impl, layer, batch, md, q, k, v))
+    return torch.cat(got), blocks
+
+
+@functools.cache
+def _one_pass() -> torch.Tensor:
+    return _prefill([(0, PROMPT)])[0]
+
+
+def _one_pass_and_chunked(cut: int, prefill_len: int | None = None):
+    """One pass and two chunks cut at ``cut``: both outputs, and the chunks' blocks."""
+    two, blocks = _prefill([(0, cut), (cut, PROMPT)], prefill_len)
+    return (_one_pass(), two), blocks
 
 
 def test_chunked_prefill_attends_like_one_pass_after_the_cut_block():
@@ -549,8 +561,8 @@ def test_aligned_chunks_attend_like_one_pass_when_the_prefill_end_is_known(publi
     published by the model runner (vllm_hip.prefill_lens), only the chunk that ends the prompt
     splits off its last query: every query attends as in one pass. Without the prefill lengths
     the last query of the first chunk is split off too, and its block attends differently."""
-    n, cut = 700, 336  # a multiple of block_size_q=16
-    (one, two), chunks = _one_pass_and_chunked(cut, n, prefill_len=n if published else None)
+    cut = 336  # a multiple of block_size_q=16
+    (one, two), chunks = _one_pass_and_chunked(cut, prefill_len=PROMPT if published else None)
     assert [int(b.q_len[-1]) for b in chunks] == ([16, 1] if published else [1, 1])
     err = (one - two).abs().amax(dim=(1, 2))
     if published:
@@ -643,7 +655,7 @@ def test_batch_invariant_classes_keep_the_prompt_end_state_for_decode():
     still be that last query's (the mask cache keeps each prefill row's last block)."""
     cfg = small_sparse_config(refresh=(4, 2))
     hq, hkv, d = 4, 2, 64
-    n = 691  # the first decode position, 691, is due for no stage: it reuses the prompt's state
+    n = 401  # the first decode position, 401, is due for no stage: it reuses the prompt's state
     outs = {}
     for invariant in (False, True):
         batch = PagedBatch([n + 2], hq, hkv, d, torch.float32, seed=11)
