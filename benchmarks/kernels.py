@@ -216,12 +216,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = InfiniteHipConfig.from_dict(json.loads(args.config))
     if args.batch_invariant:
-        # what the backend launches for this script's blocks: one-query blocks (decode) with
-        # decode tiles and fixed splits, longer blocks (the prefill chunk) with full tiles
-        from vllm_hip.backend import INVARIANT_DECODE_SPLITS
+        # what the backend launches for this script's blocks: one-query blocks (decode) and
+        # longer blocks (the prefill chunk), each kind with its fixed options
+        from vllm_hip.backend import invariant_launch_options
 
-        INVARIANT.update(tile_q_len=cfg.block_size_q, num_splits=1)
-        DECODE_INVARIANT.update(tile_q_len=1, num_splits=cfg.decode_splits or INVARIANT_DECODE_SPLITS)
+        INVARIANT.update(invariant_launch_options(cfg, single_query=False))
+        DECODE_INVARIANT.update(invariant_launch_options(cfg, single_query=True))
     dev = torch.cuda.get_device_name(0)
     cmd = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     records: list[dict] = []

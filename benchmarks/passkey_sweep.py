@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import vllm_hip.hf as hip_hf
-    from vllm_hip.passkey import find_passkey, make_passkey_prompt, passkey_correct, benchmark_passkey
+    from vllm_hip.passkey import benchmark_passkey, find_passkey, make_passkey_prompt, passkey_correct
     from vllm_hip.smollm2 import smollm2_path
 
     path = args.model or os.environ.get("SMOLLM2") or str(smollm2_path())

@@ -542,7 +542,11 @@ def test_fixed_launches_keep_a_block_independent_of_its_batch():
     qsl = torch.tensor([0] + [a for a, _ in ragged]).cumsum(0)
     qb_cpu = build_query_blocks(qsl, torch.tensor([b for _, b in ragged]), block_size_q=64,
                                 sink_tokens=256, window_tokens=1024)  # fmt: skip
-    kinds = {True: dict(tile_q_len=1, num_splits=8), False: dict(tile_q_len=64, num_splits=1)}
+    from vllm_hip.backend import invariant_launch_options
+    from vllm_hip.config import InfiniteHipConfig
+
+    cfg = InfiniteHipConfig(sink_tokens=256, window_tokens=1024, block_size_q=64)
+    kinds = {single: invariant_launch_options(cfg, single) for single in (True, False)}
     rows_of = {True: (0, {0, 2}), False: (1, {1, 3})}  # (the row checked, the rows beside it)
     for single, (row, batch_rows) in rows_of.items():
         alone, mixed = torch.zeros_like(case.q), torch.zeros_like(case.q)

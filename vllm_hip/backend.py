@@ -754,21 +754,28 @@ INVARIANT_DECODE_SPLITS = 8
 class _LaunchClass:
     """Query blocks launched together, with their launch options."""
 
-    single_query: bool | None
-    """Only one-query blocks (True), only longer ones (False), or all (None)."""
+    idx_cpu: torch.Tensor | None
+    """Host indices of the blocks among the step's (None: all of them)."""
     idx: torch.Tensor | None
-    """Device indices of the blocks among the step's (None: all of them)."""
+    """The same on the device."""
     blocks: QueryBlocks
     options: dict[str, int]
     """``num_splits`` and, in batch-invariant mode, ``tile_q_len`` of the launches."""
-    q_len_cpu: torch.Tensor | None = None
-    """Host ``q_len`` of all the step's blocks (to sort blocks into classes)."""
 
     def contains(self, idx_cpu: torch.Tensor) -> torch.Tensor:
         """Which of the blocks ``idx_cpu`` (host indices among the step's) belong here."""
-        if self.single_query is None or self.q_len_cpu is None:
+        if self.idx_cpu is None:
             return torch.ones(idx_cpu.numel(), dtype=torch.bool)
-        return (self.q_len_cpu[idx_cpu] == 1) == self.single_query
+        return torch.isin(idx_cpu, self.idx_cpu)
+
+
+def invariant_launch_options(cfg: InfiniteHipConfig, single_query: bool) -> dict[str, int]:
+    """Launch options of one kind of query block in batch-invariant mode: one-query blocks get
+    decode tiles and ``decode_splits`` (8 if 0) partitions, longer ones tiles for
+    ``block_size_q`` queries and one partition."""
+    if single_query:
+        return {"tile_q_len": 1, "num_splits": cfg.decode_splits or INVARIANT_DECODE_SPLITS}
+    return {"tile_q_len": cfg.block_size_q, "num_splits": 1}
 
 
 def launch_classes(
@@ -777,19 +784,15 @@ def launch_classes(
     """The step's query blocks by kernel launch (see ``InfiniteHipImpl._launch_classes``)."""
     if not batch_invariant:
         return [_LaunchClass(None, None, qb, {"num_splits": cfg.decode_splits})]
-    q_len = qb_cpu.q_len.long()
+    single = qb_cpu.q_len == 1
     out = []
-    for single in (True, False):
-        idx_cpu = torch.nonzero((q_len == 1) == single).flatten()
+    for kind in (single, ~single):
+        idx_cpu = torch.nonzero(kind).flatten()
         if idx_cpu.numel() == 0:
             continue
-        options = (
-            {"tile_q_len": 1, "num_splits": cfg.decode_splits or INVARIANT_DECODE_SPLITS}
-            if single
-            else {"tile_q_len": cfg.block_size_q, "num_splits": 1}
-        )
-        out.append(_LaunchClass(single, idx_cpu.to(qb.seq.device, non_blocking=True),
-                                subset_blocks(qb, qb_cpu, idx_cpu), options, q_len))  # fmt: skip
+        options = invariant_launch_options(cfg, single_query=kind is single)
+        out.append(_LaunchClass(idx_cpu, idx_cpu.to(qb.seq.device, non_blocking=True),
+                                subset_blocks(qb, qb_cpu, idx_cpu), options))  # fmt: skip
     return out
 
 
