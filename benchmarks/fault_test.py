@@ -297,8 +297,13 @@ async def f_bad_params(ctx: Ctx) -> Outcome:
 
 
 async def f_malformed_json(ctx: Ctx) -> Outcome:
-    return await _expect_4xx(ctx, [("not json", '{"model": "x", "prompt": '),
-                                   ("a list", "[1, 2]")], (400, 422))  # fmt: skip
+    out = await _expect_4xx(ctx, [("not json", '{"model": "x", "prompt": '),
+                                  ("a list", "[1, 2]")], (400, 422))  # fmt: skip
+    if "a list: 500" in out.observed:
+        # Still a failure (a client error answered as a server error), but not the backend's:
+        # vLLM 0.26.0's CompletionRequest validator calls data.get() before checking the type.
+        out.observed += " (vLLM API layer: check_cache_salt_support on a non-object body)"
+    return out
 
 
 async def f_unknown_model(ctx: Ctx) -> Outcome:

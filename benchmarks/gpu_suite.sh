@@ -12,7 +12,11 @@
 #   bash benchmarks/gpu_suite.sh configs   # passkey/multikey of every configuration in
 #                                          # benchmarks/sweep_configs.json, vLLM and transformers
 #   bash benchmarks/gpu_suite.sh offload   # Llama-3.1-8B shape, KV offload vs FLASH_ATTN (timed alone)
-#   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone)
+#   bash benchmarks/gpu_suite.sh profile   # decode throughput of a served batch, cProfile + kernel
+#                                          # profile (after prep), then the KV-pressure fault
+#   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone;
+#                                          # LOAD_PARALLEL=1 both at once, LOAD_INVARIANT=1 batch-
+#                                          # invariant mode, LOAD_FAULTS=1 the fault suite beside)
 #
 # "quality" runs its jobs side by side on one GPU (small --gpu-memory-utilization each) under
 # one deadline (SUITE_BUDGET seconds, default 540): every job gets a timeout that ends before
@@ -20,7 +24,7 @@
 # finished. None of its jobs reports a timing that the others could not distort, except Ray
 # batch throughput (noted in its records).
 set -uo pipefail
-part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|load}"
+part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|profile|load}"
 PREP=/tmp/vllm_hip_prep
 # Jobs write to $OUT (a work folder); the device tool brings back at most 8 files of the folder
 # it names $OUT, so that one gets a tarball of everything (refreshed every 30 s, so a call cut
@@ -39,15 +43,20 @@ t0=$(date +%s)
 deadline=$((t0 + ${SUITE_BUDGET:-540}))
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 left() {  # seconds to the deadline, less a margin (at least 1: timeout refuses 0 and negatives)
-  local l=$(( deadline - $(date +%s) - ${1:-15} ))
+  # and the 10 s that "timeout -k 10" may add
+  local l=$(( deadline - $(date +%s) - ${1:-15} - 10 ))
   echo $(( l < 1 ? 1 : l ))
 }
 
 if [ "$part" = prep ]; then
   # Build in a copy of the tree (later calls re-copy the working tree) and test there.
   rm -rf "$PREP" && mkdir -p "$PREP/tree" && tar --exclude=./.devkit -cf - . | tar -C "$PREP/tree" -xf -
+  # Not installed there: setup.py maps triton_kernels/ to the package vllm_hip_kernels, which
+  # the tests import; a link under that name on PYTHONPATH stands in for the install.
+  mkdir -p "$PREP/path" && ln -s "$PREP/tree/triton_kernels" "$PREP/path/vllm_hip_kernels"
   setsid nohup bash -c "
     cd $PREP/tree
+    export PYTHONPATH=$PREP/path:$PREP/tree\${PYTHONPATH:+:\$PYTHONPATH}
     env -u CC -u CXX python3 setup.py build_ext --inplace >$PREP/build.log 2>&1; echo \"exit \$?\" >>$PREP/build.log
     python3 -m pytest -q -p no:cacheprovider tests/test_prune.py tests/test_sparse_attention.py \
       tests/test_page_cache.py tests/test_ops.py tests/test_offload.py tests/test_api.py \
@@ -76,6 +85,22 @@ fi || { stamp "install failed"; tail -30 "$OUT/pip_install.log"; }
 python3 -c "import vllm_hip._ops as o; print('vllm_hip._C loaded:', o.has_ops())"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >"$OUT/nvidia_smi.csv" 2>&1
 
+# The fault suite (one INFINITEHIP server; it starts 30 s late so that it does not slow the
+# others' start-up). A KV cache of ~13K tokens (SmolLM2: 23 KB a token), under two max-length
+# requests: the KV-pressure fault must preempt (a fixed --kv-cache-memory-bytes wins over
+# --num-gpu-blocks-override, which left the H200 run without preemption). Then host-memory
+# exhaustion for the offload store: start-up must refuse with the sizes.
+run_faults() {
+  sleep 30
+  timeout -k 10 "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
+      --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager" \
+      --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
+  timeout -k 10 120 python3 -m vllm.entrypoints.cli.main serve "$SMOLLM2" --attention-backend INFINITEHIP \
+      --port 8133 --gpu-memory-utilization 0.05 --enforce-eager --kv-cache-memory-bytes 4000000000000 \
+      --additional-config '{"infinitehip": {"offload": true}}' >"$OUT/offload_host_exhaustion.log" 2>&1
+  echo "exit $?" >>"$OUT/offload_host_exhaustion.log"
+}
+
 case "$part" in
 quality)
   EAGER="--enforce-eager"
@@ -84,18 +109,18 @@ quality)
   # memory while it runs, which side-by-side jobs would break.
   SMALL="--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 2000000000 $EAGER"
   stamp "start: pytest, serve equality, passkey, ray, faults (in parallel); $(left)s to the deadline"
-  (timeout "$(left)" python3 -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_plugin.py \
+  (timeout -k 10 "$(left)" python3 -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_plugin.py \
       tests/test_worker.py >"$OUT/pytest_plugin.log" 2>&1; echo "exit $?" >>"$OUT/pytest_plugin.log") &
   pids+=($!)
   # Two comparison chains on two ports, each against FLASH_ATTN: TRITON_ATTN is vLLM's own
   # second backend, i.e. how far two exact kernels drift apart in greedy decoding.
-  (timeout "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
+  (timeout -k 10 "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
       --backends FLASH_ATTN,INFINITEHIP --label 'INFINITEHIP=INFINITEHIP[offload]:{"infinitehip":{"offload":true}}' \
       --extra "$SMALL" --metrics-tokens 6000 --startup-timeout 240 \
       --port 8131 --log-dir "$OUT" --out "$OUT/serve_equivalence.json" >"$OUT/serve_equivalence.log" 2>&1) &
   pids+=($!)
   # The Ray executor first (issue 7: plugin and config on a Ray worker, /metrics through Ray).
-  (sleep 20; timeout "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
+  (sleep 20; timeout -k 10 "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
       --backends FLASH_ATTN \
       --label 'INFINITEHIP=INFINITEHIP[ray]:{}' --run-args 'INFINITEHIP[ray]=--distributed-executor-backend ray' \
       --label 'TRITON_ATTN=TRITON_ATTN:{}' \
@@ -104,13 +129,13 @@ quality)
       --port 8134 --log-dir "$OUT" --out "$OUT/serve_equivalence_noise.json" >"$OUT/serve_equivalence_noise.log" 2>&1) &
   pids+=($!)
   # TRITON_ATTN too: its top-1 agreement with FLASH_ATTN is the noise floor for ours.
-  (timeout "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --parallel --gpu-memory-utilization 0.1 $EAGER \
+  (timeout -k 10 "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --parallel --gpu-memory-utilization 0.1 $EAGER \
       --backends "${PASSKEY_BACKENDS:-INFINITEHIP,FLASH_ATTN,TRITON_ATTN}" --kv-cache-memory-bytes 8000000000 \
       --lengths 4096,8192,16384,32768,65536,131072 --time-budget "$(left 40)" \
       --out "$OUT/passkey.json" --plot "$OUT/passkey.png" >"$OUT/passkey.log" 2>&1) &
   pids+=($!)
   if [ "${RAY_BATCH:-1}" = 1 ]; then
-    (sleep 40; timeout "$(left)" python3 benchmarks/ray_batch.py --model "$SMOLLM2" --num-docs 16 --doc-tokens 32768 \
+    (sleep 40; timeout -k 10 "$(left)" python3 benchmarks/ray_batch.py --model "$SMOLLM2" --num-docs 16 --doc-tokens 32768 \
         --gpu-memory-utilization 0.08 --kv-cache-memory-bytes 6000000000 $EAGER --parallel --timeout "$(left 60)" --workdir "$OUT/ray_batch" \
         --out "$OUT/ray_batch.json" >"$OUT/ray_batch.log" 2>&1) &
     pids+=($!)
@@ -118,30 +143,16 @@ quality)
   # Configurations side by side on the same passkey prompts (transformers path, same kernels),
   # and the transformers path on the prompts the vLLM backend answered (issue 10).
   if [ "${SWEEP:-1}" = 1 ]; then
-    (timeout "$(left)" python3 benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \
+    (timeout -k 10 "$(left)" python3 benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \
         --lengths 16384,32768 --device cuda --out "$OUT/passkey_hf_vs_vllm_gpu.json" >"$OUT/passkey_hf_vs_vllm_gpu.log" 2>&1
-     timeout "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
+     timeout -k 10 "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
         --configs-file "${SWEEP_CONFIGS:-benchmarks/sweep_configs.json}" --time-budget "$(left 45)" \
         --out "$OUT/passkey_sweep.json" --plot "$OUT/passkey_sweep.png" >"$OUT/passkey_sweep.log" 2>&1) &
     pids+=($!)
   fi
-  # A KV cache of ~13K tokens (SmolLM2: 23 KB a token), under two max-length requests: the
-  # KV-pressure fault must preempt (a fixed --kv-cache-memory-bytes wins over
-  # --num-gpu-blocks-override, which left the H200 run without preemption).
-  (sleep 30; timeout "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
-      --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 $EAGER" \
-      --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
-   # Host-memory exhaustion for the offload store: start-up must refuse with the sizes.
-   timeout 120 python3 -m vllm.entrypoints.cli.main serve "$SMOLLM2" --attention-backend INFINITEHIP \
-      --port 8133 --gpu-memory-utilization 0.05 $EAGER --kv-cache-memory-bytes 4000000000000 \
-      --additional-config '{"infinitehip": {"offload": true}}' >"$OUT/offload_host_exhaustion.log" 2>&1
-   echo "exit $?" >>"$OUT/offload_host_exhaustion.log") &
+  run_faults &
   pids+=($!)
   wait "${pids[@]}"  # not a bare wait: the snapshot loop never ends
-  for f in build.log pytest_kernels.log; do
-    [ -f "$PREP/$f" ] && cp "$PREP/$f" "$OUT/prep_$f"
-  done
-  [ -f "$PREP/done" ] || echo "prep has not finished" >>"$OUT/prep_pytest_kernels.log"
   ;;
 configs)
   # Every configuration of SWEEP_CONFIGS through vLLM (one passkey.py engine each, side by side),
@@ -152,7 +163,7 @@ configs)
   for name in $(python3 -c "import json,sys; print(' '.join(k for k in json.load(open(sys.argv[1])) if not k.startswith('_')))" "$cfgs"); do
     opts=$(python3 -c "import json,sys; print(json.dumps({'infinitehip': json.load(open(sys.argv[1]))[sys.argv[2]]}))" "$cfgs" "$name")
     mkdir -p "$OUT/cfg_$name"
-    (OUT="$OUT/cfg_$name" timeout "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --gpu-memory-utilization 0.05 $EAGER \
+    (OUT="$OUT/cfg_$name" timeout -k 10 "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --gpu-memory-utilization 0.05 $EAGER \
         --backends INFINITEHIP --label "INFINITEHIP[$name]" --additional-config "$opts" --kv-cache-memory-bytes 6000000000 \
         --lengths "${CONFIG_LENGTHS:-4096,8192,16384,32768,65536,131072}" --text-lengths "" --time-budget "$(left 30)" \
         --out "$OUT/cfg_$name/passkey.json" >"$OUT/passkey_$name.log" 2>&1) &
@@ -160,7 +171,7 @@ configs)
     sleep 3
   done
   if [ "${SWEEP:-1}" = 1 ]; then
-    (timeout "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
+    (timeout -k 10 "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
         --configs-file "$cfgs" --time-budget "$(left 45)" \
         --out "$OUT/passkey_sweep.json" --plot "$OUT/passkey_sweep.png" >"$OUT/passkey_sweep.log" 2>&1) &
     pids+=($!)
@@ -196,12 +207,14 @@ load)
     lpids=(); port=8141
     IFS=, read -ra lbs <<<"${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}"
     for b in "${lbs[@]}"; do
-      (timeout "$(left 5)" python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "$b" \
+      (timeout -k 10 "$(left 5)" python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "$b" \
         --duration "${LOAD_DURATION:-90}" --concurrency 64 --max-prompt-tokens 8000 --port "$port" "${inv[@]}" --note "shared GPU: ${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN} loaded at the same time" \
         --server-args "--max-model-len 8192 --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 20000000000" \
         --log-dir "$OUT" --out "$OUT/load_$b.json" >"$OUT/load_$b.log" 2>&1) &
       lpids+=($!); port=$((port + 1))
     done
+    # LOAD_FAULTS=1: the fault suite beside the loaded servers (its own small server)
+    if [ "${LOAD_FAULTS:-0}" = 1 ]; then run_faults & lpids+=($!); fi
     wait "${lpids[@]}"
     python3 -c "import json,sys; json.dump(sum((json.load(open(f)) for f in sys.argv[2:]), []), open(sys.argv[1], 'w'), indent=1)" \
       "$OUT/load.json" "$OUT"/load_*.json 2>/dev/null
@@ -214,18 +227,42 @@ load)
     tail -40 "$OUT/load.log"
   fi
   ;;
+profile)
+  # After prep's kernel tests (they would share the GPU with the timed steps): the decode
+  # throughput of a served batch and where its time goes (cProfile + torch.profiler), then
+  # whatever of the fault suite's KV-pressure case fits (PROFILE_FAULTS=0 skips it).
+  for _ in $(seq 1 "${PREP_WAIT:-180}"); do [ -f "$PREP/done" ] && break; sleep 1; done
+  stamp "start: profile (prep done: $([ -f "$PREP/done" ] && echo yes || echo no))"
+  timeout -k 10 "$(left 60)" python3 benchmarks/profile_decode.py --model "$SMOLLM2" --backends INFINITEHIP,FLASH_ATTN \
+      --batch "${PROFILE_BATCH:-4}" --prompt-tokens "${PROFILE_TOKENS:-6000}" --decode-tokens 64 --enforce-eager \
+      --kv-cache-memory-bytes 4000000000 --profile-dir "$OUT/profile" --timeout 200 \
+      --out "$OUT/profile_decode.json" >"$OUT/profile_decode.log" 2>&1
+  grep -v "^INFO\|^(EngineCore\|DEBUG\|^WARNING\|^\[W" "$OUT/profile_decode.log" | tail -8
+  for f in "$OUT"/profile/*_cprofile.txt; do echo "== $f"; sed -n 1,45p "$f" | cut -c1-160; done
+  for f in "$OUT"/profile/*_kernels.txt; do echo "== $f"; sed -n 1,22p "$f" | cut -c1-180; done
+  if [ "${PROFILE_FAULTS:-1}" = 1 ]; then
+    timeout -k 10 "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
+        --faults malformed_json,kv_pressure --pressure-requests 8 --pressure-prompt-tokens 2000 --pressure-new-tokens 1024 \
+        --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager" \
+        --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
+  fi
+  ;;
 *)
   echo "unknown part $part" >&2
   exit 2
   ;;
 esac
 stamp "done"
+for f in build.log pytest_kernels.log; do
+  [ -f "$PREP/$f" ] && cp "$PREP/$f" "$OUT/prep_$f"
+done
+[ -d "$PREP" ] && [ ! -f "$PREP/done" ] && echo "prep has not finished" >>"$OUT/prep_pytest_kernels.log"
 kill "$snapper" 2>/dev/null
 snapshot
 if [ -n "$RETURN" ]; then
   for f in serve_equivalence.json serve_equivalence_noise.json passkey.json passkey.png passkey_sweep.png \
            passkey_configs.json passkey_configs.png \
-           fault.json offload_fa.json offload_hip.json load.json; do
+           fault.json offload_fa.json offload_hip.json load.json profile_decode.json; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN/"
   done
   ls "$RETURN"

@@ -22,8 +22,9 @@ the solo re-sends), ``output_mismatches`` (loaded outputs that differ from the s
 prompt, plus cancelled streams whose partial text is not a prefix of it), ``client_errors`` (4xx),
 ``requests_per_s``, ``output_tokens_per_s``, ``p50/p99_latency_s``, ``p50/p99_ttft_s`` (streams) and,
 where the server's process is known, ``host_rss_growth_mib`` (from after the warm-up requests),
-``host_rss_growth_second_half_mib`` (over the run's second half: a leak, not warm-up) and
-``gpu_memory_growth_mib``.
+``gpu_memory_growth_mib`` (to the load's end) and ``*_growth_second_half_mib`` (between the
+middle and the last 10-s sample under full load: a leak, not warm-up, grows there; the raw samples
+ride along in ``memory_mib``).
 
 Exit status: 0 clean, 1 server errors, 2 output mismatches only.
 """
@@ -354,6 +355,7 @@ RECORD_METRICS = (
     ("host_rss_growth_mib", "MiB"),
     ("host_rss_growth_second_half_mib", "MiB"),
     ("gpu_memory_growth_mib", "MiB"),
+    ("gpu_memory_growth_second_half_mib", "MiB"),
 )
 
 
@@ -381,11 +383,29 @@ def make_records(
                 rec[k] = summary[k]
         elif metric == "client_errors":
             rec["examples"] = summary["client_error_examples"]
+        elif metric.endswith("_growth_mib"):
+            rec["memory_mib"] = summary.get(metric.replace("_growth_mib", "_mib"))
         records.append(rec)
     return records
 
 
 # ------------------------------------------------------------------------------------ memory
+def memory_growth(name: str, samples: list[float], end: float | None, after_solo: float | None) -> dict:
+    """``{name}_growth_mib`` from after the warm-up to the load's end, and
+    ``{name}_growth_second_half_mib`` between the samples taken under full load at its middle and
+    at its last tick. Warm-up (kernels compiled and loaded for new shapes, allocator pools) lands
+    early or when the batch shrinks at the end (new, smaller shapes); a leak keeps growing under
+    a steady load, which the second half shows. ``{name}_mib`` keeps the raw values."""
+    if not samples or end is None:
+        return {}
+    out: dict[str, Any] = {f"{name}_growth_mib": end - samples[0],
+                           f"{name}_mib": {"before": samples[0], "load_end": end, "after_solo": after_solo,
+                                           "max": max(samples + [end]), "samples": samples}}  # fmt: skip
+    if len(samples) >= 4:
+        out[f"{name}_growth_second_half_mib"] = samples[-1] - samples[len(samples) // 2]
+    return out
+
+
 def process_tree(pid: int) -> list[int]:
     try:
         import psutil
@@ -546,6 +566,7 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
             await send(s, base, model, prompts[i % len(prompts)], stream=False, timeout=opt.request_timeout_s)
         rss0, gpu0 = host_rss_mib(opt.server_pid), gpu_memory_mib(opt.server_pid)
         rss_samples = [rss0] if rss0 is not None else []
+        gpu_samples = [gpu0] if gpu0 is not None else []
 
         results: list[Result] = []
         t0 = time.perf_counter()
@@ -574,9 +595,11 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
                 k = Counter(r.kind for r in results)
                 now = time.perf_counter() - t0
                 lat = percentile((r.latency_s for r in results if r.kind == "ok"), 50)
-                rss = host_rss_mib(opt.server_pid)
+                rss, gpu = host_rss_mib(opt.server_pid), gpu_memory_mib(opt.server_pid)
                 if rss is not None:
                     rss_samples.append(rss)
+                if gpu is not None:
+                    gpu_samples.append(gpu)
                 print(
                     f"[{now:6.0f}s] done {len(results)} ok {k['ok']} cancelled {k['cancelled']} "
                     f"server_err {k['server_error']} client_err {k['client_error']} "
@@ -603,18 +626,11 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
         for pid in used:
             solo[pid] = await send(s, base, model, prompts[pid], stream=False, timeout=opt.request_timeout_s)
             solo[pid].solo = True
+        rss2, gpu2 = host_rss_mib(opt.server_pid), gpu_memory_mib(opt.server_pid)
 
     summary = summarize(results, solo, elapsed)
-    if rss0 is not None and rss1 is not None:
-        summary["host_rss_growth_mib"] = rss1 - rss0
-        summary["host_rss_mib"] = {"before": rss0, "after": rss1, "max": max(rss_samples + [rss1])}
-        # Warm-up (kernels compiled for new shapes, allocator pools) lands early; a leak keeps
-        # growing: the growth over the run's second half tells them apart.
-        half = rss_samples[len(rss_samples) // 2:] if len(rss_samples) >= 4 else []
-        if half:
-            summary["host_rss_growth_second_half_mib"] = rss1 - half[0]
-    if gpu0 is not None and gpu1 is not None:
-        summary["gpu_memory_growth_mib"] = gpu1 - gpu0
+    summary.update(memory_growth("host_rss", rss_samples, rss1, rss2))
+    summary.update(memory_growth("gpu_memory", gpu_samples, gpu1, gpu2))
     summary["prompt_tokens"] = [p.tokens for p in prompts]
     summary["results"] = results
     summary["solo"] = solo

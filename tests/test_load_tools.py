@@ -333,6 +333,18 @@ def test_records_have_the_project_format():
     json.dumps(recs)
 
 
+def test_memory_growth_tells_a_leak_from_warm_up():
+    # Warm-up: a step early on, then flat under load (and a step when the batch shrinks at the end).
+    warm = load_test.memory_growth("gpu_memory", [100.0, 140.0, 140.0, 140.0, 140.0, 140.0], 150.0, 150.0)
+    assert warm["gpu_memory_growth_mib"] == 50.0 and warm["gpu_memory_growth_second_half_mib"] == 0.0
+    assert warm["gpu_memory_mib"]["after_solo"] == 150.0 and warm["gpu_memory_mib"]["max"] == 150.0
+    leak = load_test.memory_growth("host_rss", [100.0, 110.0, 120.0, 130.0, 140.0, 150.0], 155.0, None)
+    assert leak["host_rss_growth_second_half_mib"] == 150.0 - 130.0
+    assert "host_rss_growth_second_half_mib" not in load_test.memory_growth("host_rss", [1.0, 2.0], 3.0, 3.0)
+    assert load_test.memory_growth("host_rss", [], 3.0, 3.0) == {}
+    assert load_test.memory_growth("host_rss", [1.0], None, None) == {}
+
+
 # ------------------------------------------------------------------------------------ load tool
 def test_load_against_a_clean_server(tmp_path):
     out = str(tmp_path / "load.json")
