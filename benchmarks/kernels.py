@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     if args.batch_invariant:
         # what the backend launches for this script's blocks: one-query blocks (decode) and
         # longer blocks (the prefill chunk), each kind with its fixed options
-        from vllm_hip.backend import invariant_launch_options
+        from vllm_hip.launch_options import invariant_launch_options
 
         INVARIANT.update(invariant_launch_options(cfg, single_query=False))
         DECODE_INVARIANT.update(invariant_launch_options(cfg, single_query=True))

@@ -138,7 +138,13 @@ def test_split_last_query_changes_only_the_last_block(impl):
     out_a, sel_a = infinitehip_attention(q, k, v, cfg, **kw)
     out_b, sel_b = infinitehip_attention(q, k, v, split, **kw)
     assert sel_b.qblocks.q_len.tolist() == sel_a.qblocks.q_len.tolist()[:-1] + [11, 1]
-    torch.testing.assert_close(out_b[:, :28], out_a[:, :28], rtol=0, atol=0)
+    # The blocks before the split keep their selection; their outputs are bitwise equal on the
+    # CPU, within float noise on CUDA (the torch path's matmuls get other shapes, and cuBLAS
+    # other kernels, once the batch holds one more block).
+    n_before = len(sel_a.qblocks.q_len) - 1
+    assert torch.equal(sel_b.sel_blocks[:n_before].cpu(), sel_a.sel_blocks[:n_before].cpu())
+    tol = 0 if DEV == "cpu" else 2e-6
+    torch.testing.assert_close(out_b[:, :28], out_a[:, :28], rtol=0, atol=tol)
     decode, sel_d = infinitehip_attention(q[:, -1:], k, v, cfg, **kw)
     assert torch.equal(sel_b.sel_blocks[-1].cpu(), sel_d.sel_blocks[-1].cpu())
     torch.testing.assert_close(out_b[:, -1:], decode, rtol=1e-5, atol=1e-5)

@@ -542,7 +542,7 @@ def test_fixed_launches_keep_a_block_independent_of_its_batch():
     qsl = torch.tensor([0] + [a for a, _ in ragged]).cumsum(0)
     qb_cpu = build_query_blocks(qsl, torch.tensor([b for _, b in ragged]), block_size_q=64,
                                 sink_tokens=256, window_tokens=1024)  # fmt: skip
-    from vllm_hip.backend import invariant_launch_options
+    from vllm_hip.launch_options import invariant_launch_options
     from vllm_hip.config import InfiniteHipConfig
 
     cfg = InfiniteHipConfig(sink_tokens=256, window_tokens=1024, block_size_q=64)

@@ -37,6 +37,7 @@ from vllm_hip_kernels.cached_pages import CachedPages
 from vllm_hip import prefill_lens
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
+from vllm_hip.launch_options import invariant_launch_options
 from vllm_hip.masks import LayerMaskCache, MaskStore, RefreshPlan, RowTracker, plan_refresh, subset_blocks
 from vllm_hip.page_cache import DevicePageCache, key_list_pages, shared_counters
 
@@ -746,10 +747,6 @@ class _DevicePlan:
         return cls(groups=groups, reuse_idx=reuse_idx, reuse_rows=rows_dev[reuse_idx])
 
 
-#: Split-K partitions of one-query blocks in batch-invariant mode when decode_splits is 0.
-INVARIANT_DECODE_SPLITS = 8
-
-
 @dataclass(frozen=True)
 class _LaunchClass:
     """Query blocks launched together, with their launch options."""
@@ -767,15 +764,6 @@ class _LaunchClass:
         if self.idx_cpu is None:
             return torch.ones(idx_cpu.numel(), dtype=torch.bool)
         return torch.isin(idx_cpu, self.idx_cpu)
-
-
-def invariant_launch_options(cfg: InfiniteHipConfig, single_query: bool) -> dict[str, int]:
-    """Launch options of one kind of query block in batch-invariant mode: one-query blocks get
-    decode tiles and ``decode_splits`` (8 if 0) partitions, longer ones tiles for
-    ``block_size_q`` queries and one partition."""
-    if single_query:
-        return {"tile_q_len": 1, "num_splits": cfg.decode_splits or INVARIANT_DECODE_SPLITS}
-    return {"tile_q_len": cfg.block_size_q, "num_splits": 1}
 
 
 def launch_classes(
