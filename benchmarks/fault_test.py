@@ -86,6 +86,7 @@ class Ctx:
     pressure_requests: int = 48
     pressure_prompt_tokens: int = 4000
     pressure_new_tokens: int = 1024
+    pressure_verify: int = 6
 
 
 @dataclass
@@ -354,7 +355,8 @@ async def f_kv_pressure(ctx: Ctx) -> Outcome:
     bad = [r for r in results if r.kind != "ok"]
     errs = sum(1 for r in results if r.kind == "server_error")
     mism = 0
-    for p, r in list(zip(prompts, results))[:6]:  # greedy output after preemption = output alone
+    verify = ctx.pressure_verify
+    for p, r in list(zip(prompts, results))[:verify]:  # greedy output after preemption = output alone
         if r.kind == "ok":
             solo = await send(ctx.session, ctx.base, ctx.model, p, stream=False, timeout=ctx.timeout_s,
                               extra=grow)
@@ -364,7 +366,7 @@ async def f_kv_pressure(ctx: Ctx) -> Outcome:
     if pre == "0":
         ctx.notes.append("kv_pressure: no preemption happened; launch with a smaller KV cache "
                          "(--num-gpu-blocks-override) to exercise it")  # fmt: skip
-    observed = f"{len(results) - len(bad)}/{len(results)} ok, preemptions {pre}, {mism}/6 differ from alone"
+    observed = f"{len(results) - len(bad)}/{len(results)} ok, preemptions {pre}, {mism}/{verify} differ from alone"
     if bad:
         observed += f"; first failure: {bad[0].describe()[:100]}"
     return Outcome(not bad, observed, server_errors=errs, mismatches=mism)
@@ -397,6 +399,7 @@ async def prepare(session: aiohttp.ClientSession, base: str, opts: argparse.Name
         (n / 2000) if n else 1.3, timeout_s=opts.request_timeout,
         drain_timeout_s=opts.drain_timeout, pressure_requests=opts.pressure_requests,
         pressure_prompt_tokens=opts.pressure_prompt_tokens, pressure_new_tokens=opts.pressure_new_tokens,
+        pressure_verify=opts.pressure_verify,
     )  # fmt: skip
     long_tokens = min(ctx.max_model_len * 3 // 4, 6000)
     ctx.probes = {"short": Prompt(-1, "The capital of France is", 24),
@@ -498,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pressure-new-tokens", type=int, default=1024,
                     help="tokens each kv_pressure request generates (ignore_eos): decode growth is "
                          "what makes vLLM preempt")
+    ap.add_argument("--pressure-verify", type=int, default=6,
+                    help="kv_pressure requests re-sent alone, one at a time, to compare outputs")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)

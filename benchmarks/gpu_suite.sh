@@ -5,10 +5,12 @@
 #   bash benchmarks/gpu_suite.sh prep      # no vLLM needed: builds csrc and runs the kernel/op
 #                                          # tests in the background (setsid), so it can start
 #                                          # in the first devkit staging call and overlap the rest
-#   bash benchmarks/gpu_suite.sh quality   # plugin tests, serve equality, passkey/multikey, Ray,
-#                                          # faults, offload + /metrics, configuration sweep
-#                                          # (collects prep's logs); PASSKEY_BACKENDS, RAY_BATCH=0,
-#                                          # SWEEP=0, SWEEP_CONFIGS=file.json trim it
+#   bash benchmarks/gpu_suite.sh quality   # plugin tests, serve equality, passkey/multikey,
+#                                          # faults, offload + /metrics (collects prep's logs);
+#                                          # PASSKEY_BACKENDS trims it; RAY_BATCH=1 adds the Ray
+#                                          # batch job, SWEEP=1 the transformers-path sweep
+#                                          # (SWEEP_CONFIGS=file.json): with them, 8 jobs share
+#                                          # 16 CPU cores and servers took 60-90 s to start
 #   bash benchmarks/gpu_suite.sh configs   # passkey/multikey of every configuration in
 #                                          # benchmarks/sweep_configs.json, vLLM and transformers
 #   bash benchmarks/gpu_suite.sh offload   # Llama-3.1-8B shape, KV offload vs FLASH_ATTN (timed alone)
@@ -92,7 +94,11 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >"$OUT/nvidia_
 # exhaustion for the offload store: start-up must refuse with the sizes.
 run_faults() {
   sleep 30
+  # The burst: 12 requests of 3,000 tokens, 512 generated each (4 fit at once, and outgrow the
+  # cache in decode); 3 re-sent alone. Larger bursts did not finish in a call (decode of this
+  # eager server under the suite's other jobs: ~14 tokens/s a request).
   timeout -k 10 "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
+      --pressure-requests 12 --pressure-prompt-tokens 3000 --pressure-new-tokens 512 --pressure-verify 3 \
       --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager" \
       --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
   timeout -k 10 120 python3 -m vllm.entrypoints.cli.main serve "$SMOLLM2" --attention-backend INFINITEHIP \
@@ -134,7 +140,7 @@ quality)
       --lengths 4096,8192,16384,32768,65536,131072 --time-budget "$(left 40)" \
       --out "$OUT/passkey.json" --plot "$OUT/passkey.png" >"$OUT/passkey.log" 2>&1) &
   pids+=($!)
-  if [ "${RAY_BATCH:-1}" = 1 ]; then
+  if [ "${RAY_BATCH:-0}" = 1 ]; then
     (sleep 40; timeout -k 10 "$(left)" python3 benchmarks/ray_batch.py --model "$SMOLLM2" --num-docs 16 --doc-tokens 32768 \
         --gpu-memory-utilization 0.08 --kv-cache-memory-bytes 6000000000 $EAGER --parallel --timeout "$(left 60)" --workdir "$OUT/ray_batch" \
         --out "$OUT/ray_batch.json" >"$OUT/ray_batch.log" 2>&1) &
@@ -142,7 +148,7 @@ quality)
   fi
   # Configurations side by side on the same passkey prompts (transformers path, same kernels),
   # and the transformers path on the prompts the vLLM backend answered (issue 10).
-  if [ "${SWEEP:-1}" = 1 ]; then
+  if [ "${SWEEP:-0}" = 1 ]; then
     (timeout -k 10 "$(left)" python3 benchmarks/hf_vs_vllm_passkey.py benchmarks/results/raw/passkey_raw_INFINITEHIP_h200.json \
         --lengths 16384,32768 --device cuda --out "$OUT/passkey_hf_vs_vllm_gpu.json" >"$OUT/passkey_hf_vs_vllm_gpu.log" 2>&1
      timeout -k 10 "$(left)" python3 benchmarks/passkey_sweep.py --lengths "${SWEEP_LENGTHS:-32768,131072}" \
@@ -242,7 +248,8 @@ profile)
   for f in "$OUT"/profile/*_kernels.txt; do echo "== $f"; sed -n 1,22p "$f" | cut -c1-180; done
   if [ "${PROFILE_FAULTS:-1}" = 1 ]; then
     timeout -k 10 "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
-        --faults malformed_json,kv_pressure --pressure-requests 8 --pressure-prompt-tokens 2000 --pressure-new-tokens 1024 \
+        --faults malformed_json,kv_pressure --pressure-requests 12 --pressure-prompt-tokens 3000 \
+        --pressure-new-tokens 512 --pressure-verify 3 \
         --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager" \
         --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
   fi

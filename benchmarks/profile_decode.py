@@ -12,9 +12,11 @@ script exposes. Each backend runs in its own process with the engine in-process
         --out benchmarks/results/profile_decode_h200.json --profile-dir /tmp/profile
 
 Records: ``decode_tokens_per_s`` (all rows of the batch, steady decode steps) and
-``decode_step_ms`` per backend, with ``ratio_vs_flash_attn``; ``--profile-dir`` gets
-``<backend>_cprofile.txt`` (top functions by own time and by cumulative time) and
-``<backend>_kernels.txt`` (torch.profiler's table by CUDA time and by CPU time).
+``decode_step_ms`` per backend, with ``ratio_vs_flash_attn``; with ``--profile-dir``,
+``decode_step_gpu_ms`` (the GPU's busy time per decode step, torch.profiler, with
+``kernels_per_step``: what is left of ``decode_step_ms`` is host work) and the files
+``<backend>_cprofile.txt`` (top functions by own and by cumulative time, prefill included) and
+``<backend>_kernels.txt`` (torch.profiler's tables by device and by CPU time, decode steps only).
 """
 
 from __future__ import annotations
@@ -104,13 +106,31 @@ def worker(args) -> int:
             pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
         with open(os.path.join(args.profile_dir, f"{args.backend}_cprofile.txt"), "w") as f:
             f.write(s.getvalue())
-        short = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        # Kernel profile of decode steps only: prefill first, then the profiler.
+        for rid, ids in batch("k"):
+            engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+        produced = 0
+        while produced < args.batch and engine.has_unfinished_requests():
+            produced += sum(len(o.outputs[0].token_ids) for o in engine.step())
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        steps = 0
+        torch.cuda.synchronize()
         with torch.profiler.profile(activities=acts) as tp:
-            _steps(engine, batch("k"), short)
+            while steps < args.profile_steps and engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
             torch.cuda.synchronize()
+        if hasattr(engine, "abort_request"):  # the rest of these requests is not needed
+            engine.abort_request([f"k{i}" for i in range(args.batch)])
         ka = tp.key_averages()
+        kernels = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA]
+        dev_us = sum(e.self_device_time_total for e in kernels)
+        rec.update(profiled_decode_steps=steps,
+                   gpu_time_per_step_ms=dev_us / 1e3 / max(steps, 1),
+                   kernels_per_step=sum(e.count for e in kernels) / max(steps, 1))  # fmt: skip
         with open(os.path.join(args.profile_dir, f"{args.backend}_kernels.txt"), "w") as f:
+            f.write(f"{steps} decode steps; GPU busy {rec['gpu_time_per_step_ms']:.2f} ms and "
+                    f"{rec['kernels_per_step']:.0f} kernels per step\n")
             f.write("==== by device time\n" + ka.table(sort_by="self_device_time_total", row_limit=args.top))
             f.write("\n==== by CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=args.top))
     with open(args.worker_out, "w") as f:
@@ -141,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--infinitehip", default="", help="JSON of InfiniteHiP options for INFINITEHIP")
     ap.add_argument("--profile-dir", default="")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--profile-steps", type=int, default=16, help="decode steps under torch.profiler")
     ap.add_argument("--timeout", type=float, default=400, help="seconds per backend")
     ap.add_argument("--out", required=True)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
@@ -171,6 +192,11 @@ def main(argv=None) -> int:
         records.append({"metric": "decode_tokens_per_s", "value": r["decode_tokens_per_s"], "unit": "tok/s",
                         "decode_tokens": r["decode_tokens"], **common})  # fmt: skip
         records.append({"metric": "decode_step_ms", "value": r["decode_step_ms"], "unit": "ms", **common})
+        if "gpu_time_per_step_ms" in r:
+            # GPU busy time of a decode step (torch.profiler): the rest of decode_step_ms is host
+            # work the GPU waited for.
+            records.append({"metric": "decode_step_gpu_ms", "value": r["gpu_time_per_step_ms"], "unit": "ms",
+                            "kernels_per_step": r["kernels_per_step"], **common})  # fmt: skip
     ref = {r["metric"]: r["value"] for r in records if r["backend"] == "FLASH_ATTN"}
     for r in records:
         if r["metric"] in ref and ref[r["metric"]]:
