@@ -276,6 +276,31 @@ def test_head_max_normalization_matches_reference_and_changes_the_ranking():
         select_blocks(*case.args(), stages, score_norm="l2", **kw)
 
 
+def test_fused_head_max_equals_the_torch_normalization():
+    """The keep-top kernel's HEAD_MAX (the per-head normalization fused in) picks bitwise what
+    torch's normalize_head_scores + the stable-sort fallback pick: ties, a head without any
+    finite score, a block with no valid candidate."""
+    from vllm_hip_kernels.prune import _keep_top_torch, normalize_head_scores
+    from vllm_hip_kernels.prune_kernels import _keep_top_kernel
+
+    g = torch.Generator().manual_seed(4)
+    nb, hkv, c, keep = 5, 3, 37, 9
+    hs = torch.randn(nb, hkv, c, generator=g).round(decimals=1)  # rounding makes ties
+    hs[:, :, 30:] = float("-inf")  # invalid candidates
+    hs[1, 2] = float("-inf")  # a head with no finite score
+    hs[3] = float("-inf")  # a block with no valid candidate
+    hs = hs.to(DEVICE)
+    starts = (8 + torch.arange(c, dtype=torch.int32) * 16).to(DEVICE)
+    want, want_n = _keep_top_torch(normalize_head_scores(hs, "head_max").amax(1), starts[None], keep)
+    out = torch.empty((nb, keep), device=DEVICE, dtype=torch.int32)
+    n = torch.empty(nb, device=DEVICE, dtype=torch.int32)
+    q_len = torch.ones(nb, device=DEVICE, dtype=torch.int32)  # unused by the first stage
+    _keep_top_kernel[(nb,)](hs, c, hkv, q_len, 0, 8, 16, out, out.stride(0), n, keep,
+                            FIRST_STAGE=True, BLOCK_T=64, HEAD_MAX=True)  # fmt: skip
+    assert torch.equal(out.cpu(), want.cpu()) and torch.equal(n.cpu(), want_n.cpu())
+    assert n.tolist()[3] == 0 and out[3].tolist() == [-1] * keep
+
+
 @pytest.mark.parametrize("page", [16, 32])
 def test_selection_invariants_ragged(page):
     specs = [(1, 1328), (5, 18), (64, 463), (1, 61), (2, 300), (1, 57)]

@@ -426,13 +426,14 @@ def run_stage(
             torch.full((nb, keep_chunks), -1, device=dev, dtype=torch.int32),
             torch.zeros(nb, device=dev, dtype=torch.int32),
         )
-    head_scores = normalize_head_scores(head_scores, score_norm)
     block_t = triton.next_power_of_2(num_cand)
     if block_t > _MAX_FUSED_TOPK:
         starts, _ = _stage_starts_counts(
             qblocks, cand_starts, cand_count, num_cand, chunk_size, sink_tokens
         )
-        return _keep_top_torch(head_scores.amax(1), starts, keep_chunks)
+        return _keep_top_torch(normalize_head_scores(head_scores, score_norm).amax(1), starts, keep_chunks)
+    if score_norm not in SCORE_NORMS:
+        raise ValueError(f"score_norm={score_norm!r} must be one of {SCORE_NORMS}")
     out = torch.empty((nb, keep_chunks), device=dev, dtype=torch.int32)
     count = torch.empty(nb, device=dev, dtype=torch.int32)
     first = cand_starts is None
@@ -441,7 +442,7 @@ def run_stage(
         qblocks.q_len if first else cand_starts, 0 if first else cand_starts.stride(0),
         sink_tokens, chunk_size,
         out, out.stride(0), count, keep_chunks,
-        FIRST_STAGE=first, BLOCK_T=block_t,
+        FIRST_STAGE=first, BLOCK_T=block_t, HEAD_MAX=score_norm == "head_max",
         num_warps=4 if block_t <= 1024 else (8 if block_t <= 4096 else 16),
     )
     return out, count

@@ -395,6 +395,17 @@ def _order_key(x):
 
 
 @triton.jit
+def _head_row(base, h, num_cand, j, in_row, HEAD_MAX: tl.constexpr):
+    """One kv head's candidate scores (-inf outside the row), less the head's best if HEAD_MAX
+    (a head without a finite score is left as it is)."""
+    r = tl.load(base + h * num_cand + j, mask=in_row, other=float("-inf"))
+    if HEAD_MAX:
+        m = tl.max(r, axis=0)
+        r = r - tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
+    return r
+
+
+@triton.jit
 def _keep_top_kernel(
     Scores,
     num_cand,
@@ -409,8 +420,13 @@ def _keep_top_kernel(
     keep,
     FIRST_STAGE: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    HEAD_MAX: tl.constexpr = False,
 ):
     """Max over kv heads, then keep the ``keep`` best candidates, in candidate (= position) order.
+
+    With ``HEAD_MAX`` each head's scores first lose that head's best over the block's candidates
+    (``score_norm="head_max"``, as ``prune.normalize_head_scores`` does in torch: fused here, it
+    saves five launches per stage; the result is bitwise the same, a subtraction and maxima).
 
     Grid: (NB,). All C <= BLOCK_T candidates of a block sit in registers. The keep-th largest
     score is found by bisection on order-preserving integer keys (32 counting passes, no sort);
@@ -421,9 +437,9 @@ def _keep_top_kernel(
     j = tl.arange(0, BLOCK_T)
     in_row = j < num_cand
     base = Scores + b.to(tl.int64) * num_kv_heads * num_cand
-    s = tl.load(base + j, mask=in_row, other=float("-inf"))
+    s = _head_row(base, 0, num_cand, j, in_row, HEAD_MAX)
     for h in range(1, num_kv_heads):
-        s = tl.maximum(s, tl.load(base + h * num_cand + j, mask=in_row, other=float("-inf")))
+        s = tl.maximum(s, _head_row(base, h, num_cand, j, in_row, HEAD_MAX))
     valid = s > float("-inf")
     key = tl.where(valid, _order_key(s), -(2**32))
     n_keep = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), keep)
