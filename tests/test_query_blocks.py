@@ -78,3 +78,42 @@ def test_split_last_per_sequence_splits_only_where_asked():
     with pytest.raises(ValueError, match="a bool per sequence"):
         build_query_blocks(qsl, lens, block_size_q=BQ, sink_tokens=4, window_tokens=32,
                            split_last=torch.tensor([True]))
+
+
+def _loop_blocks(q_lens, seq_lens, bq, sink, window, split):
+    """The blocks by the definition, one query at a time: (seq, q_start, q_len, pos, W0) rows."""
+    rows, q0 = [], 0
+    for s, (n, total) in enumerate(zip(q_lens, seq_lens)):
+        cur = None
+        for i in range(n):
+            p = total - n + i
+            last_split = split[s] and i == n - 1 and n > 1 and cur is not None
+            if cur is None or p % bq == 0 or last_split:
+                cur = [s, q0 + i, 0, p]
+                rows.append(cur)
+            cur[2] += 1
+            if last_split:
+                cur = None  # the split-off query closes its sequence
+        q0 += n
+    return [(s, st, m, p, max(sink, p - window + 1)) for s, st, m, p in rows]
+
+
+def test_blocks_equal_their_definition_on_random_batches():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(400):
+        ns = rng.randint(0, 6)
+        q_lens = [rng.choice([0, 1, 1, rng.randint(1, 300)]) for _ in range(ns)]
+        seq_lens = [n + rng.choice([0, rng.randint(0, 5000)]) for n in q_lens]
+        bq, sink, window = rng.choice([1, 16, 64]), rng.choice([0, 16, 256]), rng.choice([1, 64, 1024])
+        split = [rng.random() < 0.5 for _ in range(ns)]
+        qsl = torch.tensor([0, *q_lens]).cumsum(0)
+        qb = build_query_blocks(qsl, torch.tensor(seq_lens), block_size_q=bq, sink_tokens=sink,
+                                window_tokens=window, split_last=torch.tensor(split, dtype=torch.bool))  # fmt: skip
+        got = list(zip(*(getattr(qb, f).tolist() for f in ("seq", "q_start", "q_len", "pos", "window_start"))))
+        want = _loop_blocks(q_lens, seq_lens, bq, sink, window, split)
+        assert got == want, (q_lens, seq_lens, bq, split)
+        assert qb.max_q_len == max((r[2] for r in want), default=0)
+        assert qb.max_window_start == max((r[4] for r in want), default=0)
+        assert qb.max_seq_len == max(seq_lens, default=0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["QueryBlocks", "build_query_blocks"]
@@ -113,57 +114,59 @@ def build_query_blocks(
     QueryBlocks
         Blocks in sequence order, then query order. Sequences with no new queries get no block.
     """
-    qsl = query_start_loc.detach().to("cpu", torch.int64)
-    lens = seq_lens.detach().to("cpu", torch.int64)
+    # numpy, as vLLM's own metadata builders: this runs once per step on a handful of rows, where
+    # each torch call costs more than its work (and releases the GIL, which another engine thread
+    # may then hold for a switch interval).
+    qsl = query_start_loc.detach().to("cpu", torch.int64).numpy()
+    lens = seq_lens.detach().to("cpu", torch.int64).numpy()
     num_seqs = lens.shape[0]
     if qsl.shape[0] != num_seqs + 1:
         raise ValueError(
             f"query_start_loc has {qsl.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}"
         )
     q_lens = qsl[1:] - qsl[:-1]
-    if bool((q_lens > lens).any()):
+    if (q_lens > lens).any():
         raise ValueError("a sequence has more new queries than tokens (q_len > seq_len)")
     first_pos = lens - q_lens
     # A short head block up to the next multiple of block_size_q, then aligned blocks.
-    head = torch.minimum((-first_pos) % block_size_q, q_lens)
-    has_head = (head > 0).long()
+    head = np.minimum((-first_pos) % block_size_q, q_lens)
+    has_head = (head > 0).astype(np.int64)
     blocks_per_seq = has_head + (q_lens - head + block_size_q - 1) // block_size_q
     nb = int(blocks_per_seq.sum())
-    seq = torch.repeat_interleave(torch.arange(num_seqs), blocks_per_seq)
+    seq = np.repeat(np.arange(num_seqs), blocks_per_seq)
     # index of each block within its sequence
-    first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
-    local = torch.arange(nb) - torch.repeat_interleave(first_block, blocks_per_seq)
+    first_block = np.cumsum(blocks_per_seq) - blocks_per_seq
+    local = np.arange(nb) - first_block[seq]
     is_head = (local == 0) & (has_head[seq] > 0)
-    offset = torch.where(is_head, 0, head[seq] + (local - has_head[seq]) * block_size_q)
+    offset = np.where(is_head, 0, head[seq] + (local - has_head[seq]) * block_size_q)
     q_start = qsl[:-1][seq] + offset
-    q_len = torch.where(is_head, head[seq],
-                        torch.minimum(q_lens[seq] - offset, torch.tensor(block_size_q)))
+    q_len = np.where(is_head, head[seq], np.minimum(q_lens[seq] - offset, block_size_q))
     pos = first_pos[seq] + offset
     if isinstance(split_last, torch.Tensor):
-        split_seq = split_last.detach().to("cpu", torch.bool)
+        split_seq = split_last.detach().to("cpu", torch.bool).numpy()
         if split_seq.shape != (num_seqs,):
             raise ValueError(f"split_last must be a bool per sequence [{num_seqs}]")
     else:
-        split_seq = torch.full((num_seqs,), bool(split_last))
-    if nb and bool(split_seq.any()):
+        split_seq = np.full(num_seqs, bool(split_last))
+    if nb and split_seq.any():
         has_blocks = blocks_per_seq > 0
-        last = (torch.cumsum(blocks_per_seq, 0) - 1)[has_blocks & split_seq]
+        last = (np.cumsum(blocks_per_seq) - 1)[has_blocks & split_seq]
         split = last[q_len[last] > 1]
-        if split.numel():
-            q_len = q_len.clone()
+        if split.size:
+            q_len = q_len.copy()
             q_len[split] -= 1
             # the new one-query blocks go right after the blocks they were cut from
-            order = torch.argsort(torch.cat([torch.arange(nb) * 2, split * 2 + 1]))
-            seq = torch.cat([seq, seq[split]])[order]
-            q_start = torch.cat([q_start, q_start[split] + q_len[split]])[order]
-            pos = torch.cat([pos, pos[split] + q_len[split]])[order]
-            q_len = torch.cat([q_len, torch.ones_like(split)])[order]
-            nb += int(split.numel())
-    window_start = torch.clamp(pos - window_tokens + 1, min=sink_tokens)
+            order = np.argsort(np.concatenate([np.arange(nb) * 2, split * 2 + 1]), kind="stable")
+            seq = np.concatenate([seq, seq[split]])[order]
+            q_start = np.concatenate([q_start, q_start[split] + q_len[split]])[order]
+            pos = np.concatenate([pos, pos[split] + q_len[split]])[order]
+            q_len = np.concatenate([q_len, np.ones_like(split)])[order]
+            nb += int(split.size)
+    window_start = np.maximum(pos - window_tokens + 1, sink_tokens)
     dev = torch.device("cpu") if device is None else torch.device(device)
 
-    def i32(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.int32).to(dev, non_blocking=True)
+    def i32(t: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(t, dtype=np.int32)).to(dev, non_blocking=True)
 
     return QueryBlocks(
         seq=i32(seq),

@@ -628,8 +628,13 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             st.record_mask_lookup(True, nb)
             self._reused_all = True
             return cache.sel[r, :width], cache.sel_count[r]
-        sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
-        sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
+        # One group refreshing every block, in order (a decode batch whose rows all refresh from
+        # the same stage): its result is the step's selection, without a scatter into a new one.
+        whole = len(dev_plan.groups) == 1 and not plan.reuse.numel() and dev_plan.groups[0][1].size == nb
+        sel = sel_count = None
+        if not whole:
+            sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
+            sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
         for s, group in dev_plan.groups:
             cached = None
             if s > 0:
@@ -639,9 +644,15 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 q, key_cache, md.block_table, md.seq_lens, group.blocks, stages,
                 cached_inputs=cached, first_stage=s, tile_q_len=group.tile_q_len, **common,
             )  # fmt: skip
-            w = min(width, got_sel.shape[1])
-            sel[group.idx, :w] = got_sel[:, :w]
-            sel_count[group.idx] = got_cnt
+            if whole and got_sel.shape[1] == width:
+                sel, sel_count = got_sel, got_cnt
+            else:
+                if sel is None:
+                    sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
+                    sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
+                w = min(width, got_sel.shape[1])
+                sel[group.idx, :w] = got_sel[:, :w]
+                sel_count[group.idx] = got_cnt
             st.add_stage_refresh(s, group.size)
             if group.keep is not None:
                 k_dev = group.keep

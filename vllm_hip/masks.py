@@ -262,15 +262,22 @@ class LayerMaskCache:
             if got is None or dst is None:
                 continue
             starts, count = got
-            w = min(starts.shape[1], dst[0].shape[1])
-            dst[0][rows] = -1
-            dst[0][rows, :w] = starts[:, :w]
+            _put_rows(dst[0], rows, starts)
             dst[1][rows] = count
-        w = min(sel.shape[1], self.sel.shape[1])
-        self.sel[rows] = -1
-        self.sel[rows, :w] = sel[:, :w]
+        _put_rows(self.sel, rows, sel)
         self.sel_count[rows] = sel_count
         self.valid[rows] = True
+
+
+def _put_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[rows]`` = ``src`` cut or -1-padded to ``dst``'s width (one launch when the widths
+    match, as they do in steady decode)."""
+    w = min(src.shape[1], dst.shape[1])
+    if w == dst.shape[1]:
+        dst[rows] = src[:, :w]
+        return
+    dst[rows] = -1
+    dst[rows, :w] = src[:, :w]
 
 
 class MaskStore:
