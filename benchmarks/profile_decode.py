@@ -138,15 +138,6 @@ def worker(args) -> int:
     return 0
 
 
-def device_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)  # fmt: skip
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "cpu"
-    except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -169,6 +160,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.backend:
         return worker(args)
+
+    from load_test import device_name  # sibling script
 
     command = "python benchmarks/profile_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     device = device_name()
