@@ -11,8 +11,9 @@ included). Decode steps cover whole refresh cycles (stages rerun every 16/8/4 st
     python benchmarks/host_overhead.py --out benchmarks/results/host_overhead_cpu.json
 
 Records (device ``cpu``): ``host_us_per_layer`` (attention ops of a step / layers),
-``builder_us_per_step``, ``torch_ops_per_layer`` and ``triton_launches_per_layer`` (counted in
-a second pass under a TorchDispatchMode); ``--label`` names the code measured (e.g. a commit).
+``builder_us_per_step`` (medians of ``--repeats`` runs), ``torch_ops_per_layer`` and
+``triton_launches_per_layer`` (counted in a second pass under a TorchDispatchMode); ``--label``
+names the code measured (e.g. a commit).
 """
 
 from __future__ import annotations
@@ -152,11 +153,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (whole 16-step cycles)")
     ap.add_argument("--warmup-steps", type=int, default=16)
     ap.add_argument("--infinitehip", default="", help="JSON of InfiniteHiP options")
+    ap.add_argument("--repeats", type=int, default=3, help="whole runs; times are their median")
     ap.add_argument("--label", default="", help="what code was measured (e.g. a commit)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    res = run(args)
+    runs = [run(args) for _ in range(args.repeats)]
+    # Counts are the same every run; times spread (a shared 2-core machine): their median.
+    res = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
     command = "python benchmarks/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     common = {"backend": "INFINITEHIP", "context_tokens": args.context, "device": "cpu", "command": command,
               "batch_size": args.batch, "layers": args.layers, "label": args.label,

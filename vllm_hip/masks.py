@@ -290,6 +290,9 @@ class MaskStore:
     def __init__(self) -> None:
         self._stacks: dict[tuple, LayerMaskCache] = {}
         self._slots: dict[tuple, dict[int, int]] = {}
+        self._views: dict[tuple, tuple[LayerMaskCache, LayerMaskCache]] = {}
+        """(stack, layer view) per (key, slot): a view stays valid while its stack does (rows
+        move in place), and making one costs ~16 tensor views per layer and step."""
 
     def layer_cache(
         self,
@@ -320,4 +323,8 @@ class MaskStore:
         self._stacks[key] = stack
         if src_row is not None:
             stack.permute(src_row, step_id)
-        return stack.layer(slot)
+        cached = self._views.get((key, slot))
+        if cached is None or cached[0] is not stack:
+            cached = (stack, stack.layer(slot))
+            self._views[(key, slot)] = cached
+        return cached[1]
