@@ -12,7 +12,7 @@ included). Decode steps cover whole refresh cycles (stages rerun every 16/8/4 st
 
 Records (device ``cpu``): ``host_us_per_layer`` (attention ops of a step / layers),
 ``builder_us_per_step`` (medians of ``--repeats`` runs), ``torch_ops_per_layer`` and
-``triton_launches_per_layer`` (counted in a second pass under a TorchDispatchMode); ``--label``
+``triton_launches_per_layer`` (counted in one more run under a TorchDispatchMode); ``--label``
 names the code measured (e.g. a commit).
 """
 
@@ -64,7 +64,9 @@ class _Layer:
         self._v_scale_float = 1.0
 
 
-def run(args) -> dict:
+def run(args, count: bool = False) -> dict:
+    """One fresh engine state: warm-up steps, then the measured ones; with ``count`` the torch
+    ops and Triton launches of the measured steps, else their times."""
     from vllm_hip.backend import InfiniteHipImpl, build_metadata
     from vllm_hip.config import InfiniteHipConfig
     from vllm_hip.masks import RowTracker
@@ -98,7 +100,7 @@ def run(args) -> dict:
     out = torch.empty(b, hq * d, dtype=torch.bfloat16)
     qsl = torch.arange(b + 1, dtype=torch.int32)
 
-    def step(t: int, count: _CountOps | None) -> tuple[float, float]:
+    def step(t: int) -> tuple[float, float]:
         seq_lens = torch.full((b,), ctx + t + 1, dtype=torch.int32)
         pos = torch.full((b,), ctx + t, dtype=torch.int64)
         slots = block_table[:, pos[0] // page].long() * page + pos[0] % page
@@ -116,30 +118,17 @@ def run(args) -> dict:
         return t1 - t0, t2 - t1
 
     for t in range(args.warmup_steps):
-        step(t, None)
-    builder, attn = [], []
-    for t in range(args.warmup_steps, steps):
-        bt, at = step(t, None)
-        builder.append(bt)
-        attn.append(at)
-    # The same steps again (a fresh tracker replays the schedule), counting ops and launches.
-    tracker.__init__(num_pages=num_pages, max_rows=b, device=torch.device("cpu"))
-    for impl in impls:
-        impl._own_mask_store = None
-    for t in range(args.warmup_steps):
-        step(t, None)
-    LAUNCHES[0] = 0
-    counter = _CountOps()
-    with counter:
-        for t in range(args.warmup_steps, steps):
-            step(t, counter)
+        step(t)
     n = args.steps * layers
-    return {
-        "host_us_per_layer": 1e6 * sum(attn) / n,
-        "builder_us_per_step": 1e6 * sum(builder) / args.steps,
-        "torch_ops_per_layer": counter.n / n,
-        "triton_launches_per_layer": LAUNCHES[0] / n,
-    }
+    if count:
+        LAUNCHES[0] = 0
+        counter = _CountOps()
+        with counter:
+            for t in range(args.warmup_steps, steps):
+                step(t)
+        return {"torch_ops_per_layer": counter.n / n, "triton_launches_per_layer": LAUNCHES[0] / n}
+    builder, attn = zip(*(step(t) for t in range(args.warmup_steps, steps)))
+    return {"host_us_per_layer": 1e6 * sum(attn) / n, "builder_us_per_step": 1e6 * sum(builder) / args.steps}
 
 
 def main(argv=None) -> int:
@@ -159,8 +148,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     runs = [run(args) for _ in range(args.repeats)]
-    # Counts are the same every run; times spread (a shared 2-core machine): their median.
+    # Times spread (a shared 2-core machine): their median; counts come from one more run.
     res = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
+    res.update(run(args, count=True))
     command = "python benchmarks/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     common = {"backend": "INFINITEHIP", "context_tokens": args.context, "device": "cpu", "command": command,
               "batch_size": args.batch, "layers": args.layers, "label": args.label,

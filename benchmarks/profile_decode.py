@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     if args.backend:
         return worker(args)
 
-    from load_test import device_name  # sibling script
+    from load_test import device_name, write_json  # sibling script
 
     command = "python benchmarks/profile_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     device = device_name()
@@ -194,8 +194,7 @@ def main(argv=None) -> int:
     for r in records:
         if r["metric"] in ref and ref[r["metric"]]:
             r["ratio_vs_flash_attn"] = r["value"] / ref[r["metric"]]
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(args.out, records)
     for r in records:
         print(f"{r['backend']:14s} {r['metric']:22s} {r['value']:10.2f} {r['unit']:6s} "
               f"x{r.get('ratio_vs_flash_attn', float('nan')):.3f} vs FLASH_ATTN")  # fmt: skip

@@ -631,10 +631,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         # One group refreshing every block, in order (a decode batch whose rows all refresh from
         # the same stage): its result is the step's selection, without a scatter into a new one.
         whole = len(dev_plan.groups) == 1 and not plan.reuse.numel() and dev_plan.groups[0][1].size == nb
-        sel = sel_count = None
-        if not whole:
-            sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
-            sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
+
+        def empty() -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.full((nb, width), -1, dtype=torch.int32, device=q.device),
+                    torch.zeros(nb, dtype=torch.int32, device=q.device))  # fmt: skip
+
+        sel, sel_count = (None, None) if whole else empty()
         for s, group in dev_plan.groups:
             cached = None
             if s > 0:
@@ -647,9 +649,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             if whole and got_sel.shape[1] == width:
                 sel, sel_count = got_sel, got_cnt
             else:
-                if sel is None:
-                    sel = torch.full((nb, width), -1, dtype=torch.int32, device=q.device)
-                    sel_count = torch.zeros(nb, dtype=torch.int32, device=q.device)
+                if sel is None:  # the one group came back narrower than the selection
+                    sel, sel_count = empty()
                 w = min(width, got_sel.shape[1])
                 sel[group.idx, :w] = got_sel[:, :w]
                 sel_count[group.idx] = got_cnt
