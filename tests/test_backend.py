@@ -9,6 +9,7 @@ across steps whose batch rows move.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import functools
 from types import SimpleNamespace
 
@@ -329,11 +330,13 @@ def test_mask_cache_follows_requests_through_a_changing_batch():
     assert reused >= 3 and cache.num_rows > 2
 
 
-def test_streaming_rope_exact_path_equals_dense_attention_at_true_positions():
-    """q/k arrive rotated by the model; the impl stores un-rotated keys and the kernels rotate at
-    streaming positions, which equal the true ones while everything is attended."""
+@pytest.mark.parametrize("rope_cache", ["unrotated", "rotated"])
+def test_streaming_rope_exact_path_equals_dense_attention_at_true_positions(rope_cache):
+    """q/k arrive rotated by the model; the impl stores them un-rotated and the kernels rotate at
+    streaming positions, which equal the true ones while everything is attended, or (rotated)
+    stores them as they come and attends over them as they are."""
     rope = pytest.importorskip("vllm_hip.rope")
-    cfg = InfiniteHipConfig(rope_mode="streaming")
+    cfg = InfiniteHipConfig(rope_mode="streaming", rope_cache=rope_cache)
     hq, hkv, d = 4, 2, 64
     batch = PagedBatch([900, 60], hq, hkv, d, torch.float32, seed=7)
     layer = FakeLayer(1)
@@ -343,7 +346,13 @@ def test_streaming_rope_exact_path_equals_dense_attention_at_true_positions():
                                       max_position_embeddings=8192, rope_scaling=None)
     impl._max_positions = 1024
     cos, sin = rope.rope_tables_from_config(impl._hf_config, 1025, device=DEV)
-    batch.prefill_context(0, 880, layer)  # the cache holds un-rotated keys in streaming mode
+    assert impl.keys_rotated == (rope_cache == "rotated")
+    if impl.keys_rotated:  # the context as earlier steps cached it
+        batch.k[0] = rope.apply_rope(batch.k[0], torch.arange(900, device=DEV), cos, sin)
+        batch.prefill_context(0, 880, layer)
+        batch.k[0] = rope.unrotate(batch.k[0], torch.arange(900, device=DEV), cos, sin)
+    else:
+        batch.prefill_context(0, 880, layer)
     md, q, k, v = batch.step(cfg, [(0, 880, 900), (1, 0, 60)])
     q_rot = rope.apply_rope(q, md.positions, cos, sin)
     k_rot = rope.apply_rope(k, md.positions, cos, sin)
@@ -383,16 +392,102 @@ def test_streaming_rope_with_handover_takes_unrotated_inputs():
 
 
 @pytest.mark.parametrize("q_span", [(680, 700), (699, 700)])
+def test_rotated_cache_equals_the_unrotated_path_in_the_sparse_regime(q_span):
+    """rope_cache="rotated" (keys cached as the model rotated them, the kernels turning each by
+    its assigned minus its true position) selects the same blocks and attends like the
+    un-rotated cache beyond exact range (fp32: up to rounding)."""
+    rope = pytest.importorskip("vllm_hip.rope")
+    base = small_sparse_config(refresh=(1, 1))
+    hq, hkv, d, L = 4, 2, 64, 700
+    lo, hi = q_span
+    hf = SimpleNamespace(model_type="llama", rope_theta=10000.0, head_dim=d, rope_scaling=None)
+    cos, sin = rope.rope_tables_from_config(hf, 1025, device=DEV)
+    outs, sels = [], []
+    for rope_cache in ("unrotated", "rotated"):
+        cfg = replace(base, rope_mode="streaming", rope_cache=rope_cache)
+        batch = PagedBatch([L], hq, hkv, d, torch.float32, seed=13)
+        layer = FakeLayer(5)
+        impl = make_impl(cfg, hq, hkv, d)
+        impl._hf_config, impl._max_positions = hf, 1024
+        impl.rope_handed_over = rope_cache == "unrotated"
+        t = torch.arange(L, device=DEV)
+        if impl.keys_rotated:  # what the model hands every backend
+            batch.q[0] = rope.apply_rope(batch.q[0], t, cos, sin)
+            batch.k[0] = rope.apply_rope(batch.k[0], t, cos, sin)
+        batch.prefill_context(0, lo, layer)
+        md, q, k, v = batch.step(cfg, [(0, lo, hi)], decode_rows=(0,) if hi - lo == 1 else ())
+        assert md.qblocks_cpu.max_window_start - cfg.sink_tokens > cfg.selected_tokens  # sparse
+        outs.append(run_impl(impl, layer, batch, md, q, k, v))
+        sels.append(impl._mask_cache.sel.clone())
+    assert torch.equal(sels[0], sels[1])
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+
+
+def test_exact_steps_go_to_flash_attn_when_it_can(monkeypatch):
+    """With FLASH_ATTN's metadata on the step (the builder makes it where the kernel exists), a
+    layer whose k covers every row calls the kernel on our cache views; a layer beyond exact
+    range keeps our kernels. The fake kernel computes dense attention from what it is given."""
+    from vllm.v1.attention.backends import flash_attn as fa_backend
+
+    from vllm_hip import flash_delegate
+
+    calls = []
+
+    def fake_varlen(*, q, k, v, out, cu_seqlens_q, seqused_k, block_table, softmax_scale, causal,
+                    **kw):
+        calls.append(kw)
+        assert causal and k.shape[1:] == v.shape[1:] == (PAGE, hkv, d)
+        assert k.data_ptr() != v.data_ptr() and k.stride(-1) == 1
+        out.copy_(dense_causal_attention_reference(q.float(), k, v, block_table, seqused_k,
+                                                   cu_seqlens_q, sm_scale=softmax_scale))
+
+    monkeypatch.setattr(fa_backend, "flash_attn_varlen_func", fake_varlen, raising=False)
+    monkeypatch.setattr(flash_delegate, "_flash_impl", lambda impl: SimpleNamespace(
+        kv_cache_dtype="auto", num_kv_heads=impl.num_kv_heads, sliding_window=(-1, -1),
+        scale=impl.scale, logits_soft_cap=0, vllm_flash_attn_version=3,
+        supports_quant_query_input=False))
+    cfg = small_sparse_config()  # k = 64: a 120-token context is exact, a 700-token one is not
+    hq, hkv, d = 4, 2, 64
+    for L, exact in ((120, True), (700, False)):
+        calls.clear()
+        batch = PagedBatch([L], hq, hkv, d, torch.float32, seed=2)
+        layer = FakeLayer(1)
+        impl = make_impl(cfg, hq, hkv, d)
+        batch.prefill_context(0, L - 1, layer)
+        md, q, k, v = batch.step(cfg, [(0, L - 1, L)], decode_rows=(0,))
+        md.flash = SimpleNamespace(query_start_loc=md.query_start_loc, max_query_len=1,
+                                   seq_lens=md.seq_lens, max_seq_len=L, causal=True,
+                                   block_table=md.block_table, scheduler_metadata=None,
+                                   max_num_splits=0, sliding_window=(-1, -1))
+        out = run_impl(impl, layer, batch, md, q, k, v)
+        assert len(calls) == (1 if exact else 0)
+        kc, vc = batch.kv_cache.unbind(1)
+        dense = dense_causal_attention_reference(q.float(), kc, vc, md.block_table, md.seq_lens,
+                                                 md.query_start_loc, sm_scale=d**-0.5)
+        assert ((out.float() - dense).abs().max().item() < 1e-4) == exact
+
+
+def test_flash_delegate_only_where_keys_are_cached_its_way():
+    from vllm_hip.flash_delegate import delegate_unavailable_reason
+
+    why = lambda cfg, dev="cuda", inv=False, dt="auto": delegate_unavailable_reason(cfg, dev, inv, dt)  # noqa: E731
+    assert "un-rotated" in why(InfiniteHipConfig(rope_cache="unrotated"))
+    assert "host memory" in why(InfiniteHipConfig(offload=True))
+    assert "BATCH_INVARIANT" in why(InfiniteHipConfig(), inv=True)
+    assert "fp8" in why(InfiniteHipConfig(), dt="fp8_e4m3")
+    assert "cpu" in why(InfiniteHipConfig(), dev="cpu")
+    assert "cpu" in why(InfiniteHipConfig(rope_mode="model", rope_cache="unrotated"), dev="cpu")
+
+
+@pytest.mark.parametrize("q_span", [(680, 700), (699, 700)])
 def test_backend_equals_tensor_api_in_the_sparse_regime(q_span):
     """The vLLM backend (paged cache, RoPE handed over) and ``vllm_hip.infinitehip_attention``
     (the transformers path) select the same blocks and give the same output beyond exact range,
     in streaming RoPE: what the transformers passkey result shows holds for the backend too."""
-    from dataclasses import replace
-
     rope = pytest.importorskip("vllm_hip.rope")
     from vllm_hip.api import infinitehip_attention
 
-    cfg = replace(small_sparse_config(refresh=(1, 1)), rope_mode="streaming")
+    cfg = replace(small_sparse_config(refresh=(1, 1)), rope_mode="streaming", rope_cache="unrotated")
     hq, hkv, d = 4, 2, 64
     L = 700
     lo, hi = q_span
@@ -430,8 +525,6 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
     decode rows' pages): outputs equal the plain path step by step, also when the cache is
     smaller than one row's key list and keeps evicting, and when steps that reuse every
     selection skip admission."""
-    from dataclasses import replace
-
     base = small_sparse_config(refresh=refresh)
     cfg = replace(base, offload=True, offload_gpu_cache_tokens=cache_tokens)
     hq, hkv, d = 4, 2, 64
@@ -482,8 +575,6 @@ def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
     """A prefill step first brings the sink and window pages of its query blocks into the GPU
     page cache (one copy instead of a read across PCIe per query block): with a fresh cache,
     the step's attention already hits, and those pages are resident and current afterwards."""
-    from dataclasses import replace
-
     from vllm_hip.page_cache import shared_counters
 
     cfg = replace(small_sparse_config(), offload=True, offload_gpu_cache_tokens=4096)

@@ -114,6 +114,7 @@ def valid_options(draw, selection: bool | None = None) -> dict:
         "refresh": draw(st.sampled_from(sorted(REFRESH_PRESETS))),
         "stages": stages,
         "rope_mode": draw(st.sampled_from(["streaming", "model"])),
+        "rope_cache": draw(st.sampled_from(["rotated", "unrotated"])),
         "score_norm": draw(st.sampled_from(["head_max", "none"])),
         "allow_long_context": draw(st.booleans()),
         "export_metrics": draw(st.booleans()),
@@ -223,7 +224,7 @@ def one_bad_field(draw):
     else:
         choices = ["preset", "refresh", "sink_tokens", "window_tokens", "selected_tokens",
                    "early_selected_tokens", "early_layers", "decode_splits", "block_size_q",
-                   "block_size_k", "rope_mode", "score_norm", "allow_long_context", "export_metrics", "offload",
+                   "block_size_k", "rope_mode", "rope_cache", "score_norm", "allow_long_context", "export_metrics", "offload",
                    "split_last_query", "align_prefill_chunks", "offload_gpu_cache_tokens", "unknown",
                    "stages"]  # fmt: skip
     kind = draw(st.sampled_from(choices))
@@ -231,6 +232,7 @@ def one_bad_field(draw):
         "preset": bad_choice(tuple(PRESETS)),
         "refresh": bad_choice(tuple(REFRESH_PRESETS)),
         "rope_mode": bad_choice(("streaming", "model")),
+        "rope_cache": bad_choice(("rotated", "unrotated")),
         "score_norm": bad_choice(("head_max", "none")),
         "sink_tokens": bad_int(0, MAX_TOKENS, bk),
         "window_tokens": bad_int(bk, MAX_TOKENS, bk),
@@ -390,6 +392,7 @@ FIELD_VALUES = {
     "block_size_q": (st.sampled_from([16, 32, 64, 128]), st.one_of(st.integers(-1, 300), NOT_INT)),
     "block_size_k": (st.sampled_from([8, 16, 32, 64]), st.one_of(st.integers(-1, 100), NOT_INT)),
     "rope_mode": (st.sampled_from(["streaming", "model"]), NOT_BOOL),
+    "rope_cache": (st.sampled_from(["rotated", "unrotated"]), NOT_BOOL),
     "score_norm": (st.sampled_from(["head_max", "none"]), NOT_BOOL),
     "allow_long_context": (st.booleans(), NOT_BOOL),
     "export_metrics": (st.booleans(), NOT_BOOL),

@@ -201,8 +201,9 @@ def test_backend_refuses_what_it_cannot_serve():
 
 
 def test_rope_is_handed_over_only_to_our_streaming_backend():
-    """With INFINITEHIP + streaming RoPE, models get an identity rotary embedding (q/k reach the
-    backend un-rotated); other backends and rope_mode="model" keep vLLM's own."""
+    """With INFINITEHIP + streaming RoPE into an un-rotated cache, models get an identity rotary
+    embedding (q/k reach the backend un-rotated); other backends, the default rotated cache and
+    rope_mode="model" keep vLLM's own."""
     import types
 
     import torch
@@ -223,7 +224,8 @@ def test_rope_is_handed_over_only_to_our_streaming_backend():
         with set_current_vllm_config(vc):
             return re.get_rope(64, 8192, rope_parameters={"rope_theta": 1e4})
 
-    ours = built("INFINITEHIP", {})
+    assert type(built("INFINITEHIP", {})).__name__ == "RotaryEmbedding"  # rope_cache="rotated"
+    ours = built("INFINITEHIP", {"rope_cache": "unrotated"})
     q, k = torch.randn(3, 128), torch.randn(3, 64)
     out_q, out_k = ours(torch.arange(3), q, k)
     assert out_q is q and out_k is k and plugin.rope_handed_over()

@@ -8,7 +8,7 @@ two CPU cores.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -184,6 +184,59 @@ def test_stage_matches_reference(heads, head_dim, page, kv_dtype, mask_rope, exp
     assert torch.equal(c.cpu(), rc.cpu())
     assert torch.equal(c.cpu(), torch.isfinite(got.cpu()).sum(1).clamp(max=3).int())
     assert (c.cpu() > 0).any()
+
+
+def rotated(case: Case) -> Case:
+    """The case as vLLM's model caches it: keys and queries rotated at their true positions
+    (fp32 rotation, rounded to the cache/query dtype)."""
+    page_size = case.key_cache.shape[1]
+    kc = case.key_cache.clone()
+    for s, n in enumerate(case.seq_lens.tolist()):
+        tok = torch.arange(n, device=DEVICE)
+        idx = (case.block_table[s, tok // page_size].long(), tok % page_size)
+        c, sn = case.cos[tok][:, None, :], case.sin[tok][:, None, :]
+        kc[idx] = rotate_reference(kc[idx].float() * case.k_scale, c, sn).div(case.k_scale).to(kc.dtype)
+    q = case.q.float().clone()
+    qb = case.qblocks
+    for q0, n, p in zip(qb.q_start.tolist(), qb.q_len.tolist(), qb.pos.tolist()):
+        pos = torch.arange(p, p + n, device=DEVICE)
+        q[q0:q0 + n] = rotate_reference(q[q0:q0 + n], case.cos[pos][:, None, :], case.sin[pos][:, None, :])
+    return replace(case, q=q.to(case.q.dtype), key_cache=kc)
+
+
+ROTATED_CASES = [  # kv dtype, mask_rope, explicit candidates, chunk, pool
+    (torch.float32, "relative", False, 32, 4),
+    (torch.float32, "chunk_indexed", True, 16, 2),
+    (torch.bfloat16, "chunk_indexed", False, 32, 1),
+    (torch.bfloat16, "relative", True, 16, 4),
+]
+
+
+@pytest.mark.parametrize("kv_dtype,mask_rope,explicit,chunk,pool", ROTATED_CASES)
+def test_rotated_keys_match_reference_and_the_unrotated_scores(kv_dtype, mask_rope, explicit,
+                                                               chunk, pool):
+    """Keys cached rotated (as vLLM caches them for every backend): the kernels turn each query
+    and sampled key to its scoring position and score as the un-rotated inputs do."""
+    case = make_case(kv_dtype=kv_dtype, seed=23)
+    rot = rotated(case)
+    cs, cc = random_candidates(case, 4 * chunk, chunk, keep=4) if explicit else (None, None)
+    kw = stage_kwargs(case, mask_rope, chunk_size=chunk, query_pool=pool, rope_distance=700)
+    got, _, _ = score_chunks(*rot.args(), cs, cc, keys_rotated=True, **kw)
+    ref, _, _ = score_chunks_reference(*rot.args(), cs, cc, keys_rotated=True, **kw)
+    assert_scores_close(got, ref)
+    s, c = run_stage(*rot.args(), cs, cc, keep_chunks=3, keys_rotated=True, **kw)
+    rs, rc = run_stage_reference(*rot.args(), cs, cc, keep_chunks=3, keys_rotated=True, **kw)
+    assert torch.equal(s.cpu(), rs.cpu()) and torch.equal(c.cpu(), rc.cpu())
+    plain, _, _ = score_chunks(*case.args(), cs, cc, **kw)
+    if kv_dtype == torch.float32:  # the same scores as un-rotated inputs, up to fp32 rounding
+        torch.testing.assert_close(got.cpu(), plain.cpu(), rtol=1e-4, atol=1e-3)
+    else:  # one more bf16 rounding of every key and query: close, not equal
+        fin = torch.isfinite(plain)
+        assert torch.equal(fin, torch.isfinite(got))
+        assert (got[fin] - plain[fin]).abs().max() < 0.1 * plain[fin].abs().max()
+    wrong, _, _ = score_chunks(*rot.args(), cs, cc, **kw)  # rotated keys read as un-rotated
+    fin = torch.isfinite(plain)
+    assert (wrong[fin] - plain[fin]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("mask_rope", [None, "chunk_indexed"])

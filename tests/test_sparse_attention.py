@@ -26,6 +26,7 @@ from vllm_hip_kernels.sparse_attention import (
     sparse_attention,
 )
 from vllm_hip_kernels.sparse_attention_reference import (
+    apply_rope_reference,
     dense_causal_attention_reference,
     sparse_attention_reference,
 )
@@ -328,6 +329,61 @@ def test_streaming_rope_is_dense_attention_over_the_compacted_sequence():
     assert (ref - compact).abs().max() < 1e-4
     out = sparse_attention(*case.args(), **case.kwargs)
     assert (out - compact).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------ keys cached rotated
+def rotated_case(case: Case) -> Case:
+    """The same case as a vLLM model would cache it: every key rotated at its token position
+    and every query at its own (fp32, then rounded to the cache/query dtype)."""
+    cos, sin = case.kwargs["cos"], case.kwargs["sin"]
+    page_size = case.key_cache.shape[1]
+    kc = case.key_cache.clone()
+    q = case.q.float().clone()
+    qsl = case.query_start_loc.tolist()
+    for s, n in enumerate(case.seq_lens.tolist()):
+        toks = torch.arange(n, device=DEVICE)
+        idx = (case.block_table[s, toks // page_size].long(), toks % page_size)
+        kc[idx] = apply_rope_reference(kc[idx].float(), toks, cos, sin).to(kc.dtype)
+        rows = slice(qsl[s], qsl[s + 1])
+        pos = torch.arange(n - (qsl[s + 1] - qsl[s]), n, device=DEVICE)
+        q[rows] = apply_rope_reference(q[rows], pos, cos, sin)
+    return replace(case, q=q.to(case.q.dtype), key_cache=kc,
+                   kwargs={**case.kwargs, "keys_rotated": True})  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,num_splits", [(torch.float32, 0), (torch.bfloat16, 2)])
+def test_rotated_keys_give_the_streaming_positions(dtype, num_splits):
+    """Keys and queries cached the way vLLM's model rotates them: the kernel turns each key by
+    its assigned minus its true position, and attends exactly as over un-rotated inputs."""
+    case = make_case(ragged=RAGGED_SMALL, heads=(8, 2), head_dim=64, dtype=dtype, rope=True,
+                     max_sel=6, seed=5)  # fmt: skip
+    rot = rotated_case(case)
+    out, lse = sparse_attention(*rot.args(), **rot.kwargs, return_lse=True, num_splits=num_splits)
+    check_against_reference(rot, out, lse)
+    # the two conventions agree: the rotated reference equals the un-rotated one
+    ref_rot = sparse_attention_reference(*rot.args(), **rot.kwargs)
+    ref = sparse_attention_reference(*case.args(), **case.kwargs)
+    assert (ref_rot - ref).abs().max() < (2e-5 if dtype == torch.float32 else 0.05)
+    if dtype == torch.float32:
+        assert (out - ref).abs().max() < 5e-5
+    # and the flag matters: reading rotated keys as un-rotated ones is wrong
+    wrong = sparse_attention(*rot.args(), **{**rot.kwargs, "keys_rotated": False})
+    assert (wrong.float() - ref).abs().max() > 0.05
+
+
+def test_rotated_keys_with_everything_selected_need_no_rotation():
+    """Exact attention (every block selected): assigned = true positions, so with rotated keys
+    the result is plain dense attention over the cache as it is, the rope tables unused."""
+    ragged = [(1, 300), (70, 250), (5, 18), (1, 133)]
+    case = make_case(ragged=ragged, heads=(4, 2), head_dim=64, sink=16, window=32, max_sel=None,
+                     selection="all", rope=True, dtype=torch.float32, seed=3)  # fmt: skip
+    rot = rotated_case(case)
+    out = sparse_attention(*rot.args(), **rot.kwargs)
+    dense = dense_causal_attention_reference(
+        rot.q, rot.key_cache, rot.value_cache, rot.block_table, rot.seq_lens,
+        rot.query_start_loc, rot.kwargs["sm_scale"],
+    )  # fmt: skip
+    assert (out - dense).abs().max() < 2e-5
 
 
 # ------------------------------------------------------------------ selections

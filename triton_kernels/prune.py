@@ -28,6 +28,11 @@ tables [max_positions, D/2]:
 - ``"chunk_indexed"``: a key sampled from candidate ``j`` (its index in this stage's candidate
   list) is rotated at position ``j``; the block's queries sit at ``C_b`` = its number of
   candidates.
+
+With ``keys_rotated`` the queries and keys arrive rotated at their true positions (the model's
+RoPE, as vLLM caches keys for every backend) and turn by the difference instead: query ``i`` by
+its scoring position minus ``pos + i`` before the mean pool, each sampled key by its scoring
+position minus its token index (one cos/sin row per sampled key, read with it).
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ def _check_inputs(q, key_cache, block_table, seq_lens, qblocks, mask_rope, cos, 
 def _head_scores(
     q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count, *, chunk_size,
     query_pool, sink_tokens, k_scale, mask_rope, cos, sin, rope_distance, page_cache=None,
-    tile_q_len=None,
+    tile_q_len=None, keys_rotated=False,
 ):
     """Per-kv-head chunk scores [NB, Hkv, C] (pool + score kernels), or None when C or NB is 0.
 
@@ -176,6 +181,9 @@ def _head_scores(
         raise ValueError(f"cos/sin have {cos.shape[0]} positions, rope_distance={rope_distance}")
     if mask_rope == "chunk_indexed" and cos.shape[0] <= num_cand:
         raise ValueError(f"cos/sin have {cos.shape[0]} positions, need > {num_cand} candidates")
+    rotated = keys_rotated and mask_rope is not None
+    if rotated and cos.shape[0] < qblocks.max_seq_len:
+        raise ValueError(f"cos/sin have {cos.shape[0]} positions < max_seq_len {qblocks.max_seq_len}")
     if nb == 0 or num_cand == 0:
         return None, num_cand, cand_starts
 
@@ -206,12 +214,13 @@ def _head_scores(
 
     _pool_queries_kernel[(rows_pad // block_r, num_kv_heads, nb)](
         q, q.stride(0), q.stride(1), q.stride(2),
-        qblocks.q_start, qblocks.q_len, cc_t, qblocks.window_start,
+        qblocks.q_start, qblocks.q_len, cc_t, qblocks.window_start, qblocks.pos,
         rope_distance, sink_tokens, chunk_size,
         cos_t, sin_t, stride_cos,
         qp, rows_pad, num_kv_heads, group,
         POOL=query_pool, HALF_D=head_dim // 2, BLOCK_R=block_r,
         ROPE_Q=rope, Q_POS_MODE=0 if mask_rope != "chunk_indexed" else (2 if first else 1),
+        Q_ROTATED=rotated,
         num_warps=4,
     )
     _score_chunks_kernel[(triton.cdiv(num_cand, block_c), num_kv_heads, nb)](
@@ -226,7 +235,7 @@ def _head_scores(
         scores, num_cand, num_kv_heads, group, sink_tokens, chunk_size, float(k_scale),
         PAGE_SIZE=page_size, HALF_D=head_dim // 2, POOL=query_pool,
         BLOCK_C=block_c, BLOCK_R=block_r, N_ITERS=_num_iters(chunk_size),
-        FIRST_STAGE=first, ROPE_K=mask_rope == "chunk_indexed",
+        FIRST_STAGE=first, ROPE_K=mask_rope == "chunk_indexed", KEYS_ROTATED=rotated,
         ROUND_K=key_cache.dtype.itemsize > q.dtype.itemsize, USE_DOT=cfg["use_dot"],
         IEEE=q.dtype == torch.float32 or not q.is_cuda, ONE_ROW_TILE=rows_pad == block_r,
         NPG=npg, CACHED=page_cache is not None,
@@ -265,6 +274,7 @@ def score_chunks(
     rope_distance: int = 1024,
     score_norm: str = "none",
     page_cache: CachedPages | None = None,
+    keys_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every candidate chunk of every query block (inspection and tests; :func:`run_stage`
     fuses the head max and the top-k instead).
@@ -285,6 +295,7 @@ def score_chunks(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
         mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, page_cache=page_cache,
+        keys_rotated=keys_rotated,
     )
     starts, n_cand = _stage_starts_counts(
         qblocks, cand_starts, cand_count, num_cand, chunk_size, sink_tokens
@@ -356,6 +367,7 @@ def run_stage(
     score_norm: str = "none",
     page_cache: CachedPages | None = None,
     tile_q_len: int | None = None,
+    keys_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one pruning stage: score candidate chunks, keep the top ``keep_chunks``.
 
@@ -402,6 +414,11 @@ def run_stage(
         Size the scoring tiles as if the longest query block had this many queries, and not by
         the batch's candidate count: a block's scores then do not depend on the other blocks of
         the launch (batch-invariant serving).
+    keys_rotated : bool
+        With ``mask_rope``: ``q`` and the cached keys carry the model's RoPE at their true
+        positions (as every vLLM backend caches them); the kernels turn each query and each
+        sampled key by its scoring position minus its true one, which scores as the un-rotated
+        inputs would.
 
     Returns
     -------
@@ -419,7 +436,7 @@ def run_stage(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
         mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, page_cache=page_cache,
-        tile_q_len=tile_q_len,
+        tile_q_len=tile_q_len, keys_rotated=keys_rotated,
     )
     if head_scores is None or keep_chunks == 0:
         return (
@@ -513,13 +530,14 @@ def select_blocks(
     first_stage: int = 0,
     page_cache: CachedPages | None = None,
     tile_q_len: int | None = None,
+    keys_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run pruning stages ``first_stage ..`` and return the selected key blocks.
 
     Parameters
     ----------
     q, key_cache, block_table, seq_lens, qblocks, sink_tokens, k_scale, mask_rope, cos, sin,
-    rope_distance, score_norm, page_cache, tile_q_len :
+    rope_distance, score_norm, page_cache, tile_q_len, keys_rotated :
         As in :func:`run_stage`.
     stages : sequence
         Objects with ``chunk_size``, ``keep_tokens`` and ``query_pool`` (coarse to fine); the last
@@ -571,6 +589,7 @@ def select_blocks(
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
             mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance,
             score_norm=score_norm, page_cache=page_cache, tile_q_len=tile_q_len,
+            keys_rotated=keys_rotated,
         )
         if i + 1 < len(stages):
             inp = split_chunks(

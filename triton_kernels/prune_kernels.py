@@ -39,6 +39,7 @@ def _pool_queries_kernel(
     QLen,
     QPos,
     WStart,
+    BlkPos,
     q_pos_scalar,
     sink,
     chunk_size,
@@ -54,6 +55,7 @@ def _pool_queries_kernel(
     BLOCK_R: tl.constexpr,
     ROPE_Q: tl.constexpr,
     Q_POS_MODE: tl.constexpr,
+    Q_ROTATED: tl.constexpr,
 ):
     """Mean-pool groups of ``POOL`` consecutive queries, optionally rotate, store in dot dtype.
 
@@ -61,6 +63,8 @@ def _pool_queries_kernel(
     round-to-nearest, so the reference can reproduce it bit for bit before the cast.
     Q_POS_MODE (with ROPE_Q): 0 = ``q_pos_scalar``; 1 = ``QPos[b]`` (candidate count of a later
     stage); 2 = the first stage's candidate count ceil((W0 - sink) / chunk_size).
+    Q_ROTATED (with ROPE_Q): the queries carry the model's rotation at their true positions
+    (``BlkPos[b]`` + index): each turns by the target minus its own position before the mean.
     """
     pid_r = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -76,6 +80,17 @@ def _pool_queries_kernel(
     row_ok = grp < n_groups
     d = tl.arange(0, HALF_D)
 
+    if ROPE_Q:  # the position the pooled queries are scored at
+        if Q_POS_MODE == 1:
+            p = tl.load(QPos + b).to(tl.int64)
+        elif Q_POS_MODE == 2:
+            w0 = tl.load(WStart + b)
+            p = tl.maximum((w0 - sink + chunk_size - 1) // chunk_size, 0).to(tl.int64)
+        else:
+            p = tl.cast(q_pos_scalar, tl.int64)
+    if Q_ROTATED:
+        pos0 = tl.load(BlkPos + b).to(tl.int64)
+
     acc1 = tl.zeros([BLOCK_R, HALF_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_R, HALF_D], dtype=tl.float32)
     for i in range(POOL):
@@ -84,21 +99,24 @@ def _pool_queries_kernel(
         base = Q + (q_start + qi.to(tl.int64)) * stride_qt + qhead * stride_qh
         x1 = tl.load(base[:, None] + d[None, :] * stride_qd, mask=ok[:, None], other=0.0)
         x2 = tl.load(base[:, None] + (d[None, :] + HALF_D) * stride_qd, mask=ok[:, None], other=0.0)
-        acc1 += x1.to(tl.float32)
-        acc2 += x2.to(tl.float32)
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        if ROPE_Q and Q_ROTATED:
+            # turn by p - (pos0 + qi); the tables hold angles >= 0, sin is odd
+            delta = p - (pos0 + qi.to(tl.int64))
+            a = tl.where(ok, tl.where(delta < 0, -delta, delta), 0)
+            ci = tl.load(Cos + a[:, None] * stride_cos + d[None, :])
+            si = tl.load(Sin + a[:, None] * stride_cos + d[None, :])
+            si = tl.where((delta < 0)[:, None], -si, si)
+            x1, x2 = x1 * ci - x2 * si, x2 * ci + x1 * si
+        acc1 += x1
+        acc2 += x2
     cnt = tl.minimum(q_len - grp * POOL, POOL)
     cnt = tl.maximum(cnt, 1).to(tl.float32)
     m1 = tl.math.div_rn(acc1, cnt[:, None])
     m2 = tl.math.div_rn(acc2, cnt[:, None])
 
-    if ROPE_Q:
-        if Q_POS_MODE == 1:
-            p = tl.load(QPos + b).to(tl.int64)
-        elif Q_POS_MODE == 2:
-            w0 = tl.load(WStart + b)
-            p = tl.maximum((w0 - sink + chunk_size - 1) // chunk_size, 0).to(tl.int64)
-        else:
-            p = tl.cast(q_pos_scalar, tl.int64)
+    if ROPE_Q and not Q_ROTATED:
         c = tl.load(Cos + p * stride_cos + d)[None, :]
         s = tl.load(Sin + p * stride_cos + d)[None, :]
         y1 = m1 * c - m2 * s
@@ -257,6 +275,7 @@ def _score_chunks_kernel(
     N_ITERS: tl.constexpr,
     FIRST_STAGE: tl.constexpr,
     ROPE_K: tl.constexpr,
+    KEYS_ROTATED: tl.constexpr,
     ROUND_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
@@ -276,6 +295,8 @@ def _score_chunks_kernel(
     CACHED (offload): keys are read through the GPU page cache (``PageSlot``, see
     ``vllm_hip_kernels.cached_pages``); each program adds the key rows it read, those that hit,
     and the bytes of the misses to ``Counters`` [4], [5] and [2] (int64 atomics).
+    KEYS_ROTATED: the cached keys carry the model's rotation at their true positions; every
+    sampled key turns back to its scoring position (j with ROPE_K, chunk-indexed; else 0).
     """
     pid_c = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -302,7 +323,15 @@ def _score_chunks_kernel(
     hi = tl.where(valid, tl.minimum(start + chunk_size, w0), 1)
 
     d = tl.arange(0, HALF_D)
-    if ROPE_K:
+    if KEYS_ROTATED:
+        # the scoring position of every key sampled from candidate j (the angle is per token)
+        if ROPE_K:
+            target = tl.where(valid, j, 0)
+        else:
+            target = tl.zeros_like(j)
+        ck = 1.0
+        sk = 0.0
+    elif ROPE_K:
         # chunk-indexed RoPE: every key sampled from candidate j sits at position j
         jj = tl.where(valid, j, 0).to(tl.int64)
         ck = tl.load(Cos + jj[:, None] * stride_cos + d[None, :], mask=valid[:, None], other=1.0)
@@ -347,13 +376,23 @@ def _score_chunks_kernel(
         if CACHED:
             n_read += tl.sum(valid.to(tl.int64)) + tl.sum(valid_r.to(tl.int64))
             n_hit += tl.sum((valid & hit_l).to(tl.int64)) + tl.sum((valid_r & hit_r).to(tl.int64))
+        if KEYS_ROTATED:
+            # turn back by tok - target >= 0: cos is even, sin odd
+            a_l = tl.where(valid, tok_l - target, 0).to(tl.int64)
+            a_r = tl.where(valid_r, tok_r - target, 0).to(tl.int64)
+            ck_l = tl.load(Cos + a_l[:, None] * stride_cos + d[None, :])
+            sk_l = -tl.load(Sin + a_l[:, None] * stride_cos + d[None, :])
+            ck_r = tl.load(Cos + a_r[:, None] * stride_cos + d[None, :])
+            sk_r = -tl.load(Sin + a_r[:, None] * stride_cos + d[None, :])
+        else:
+            ck_l, sk_l, ck_r, sk_r = ck, sk, ck, sk
         kl1, kl2 = _load_key_halves(
-            K, off_l, stride_ks, stride_kd, head_off, tok_l, valid, ck, sk,
-            Qp.dtype.element_ty, PAGE_SIZE, HALF_D, ROPE_K, ROUND_K,
+            K, off_l, stride_ks, stride_kd, head_off, tok_l, valid, ck_l, sk_l,
+            Qp.dtype.element_ty, PAGE_SIZE, HALF_D, ROPE_K or KEYS_ROTATED, ROUND_K,
         )
         kr1, kr2 = _load_key_halves(
-            K, off_r, stride_ks, stride_kd, head_off, tok_r, valid_r, ck, sk,
-            Qp.dtype.element_ty, PAGE_SIZE, HALF_D, ROPE_K, ROUND_K,
+            K, off_r, stride_ks, stride_kd, head_off, tok_r, valid_r, ck_r, sk_r,
+            Qp.dtype.element_ty, PAGE_SIZE, HALF_D, ROPE_K or KEYS_ROTATED, ROUND_K,
         )
         if ONE_ROW_TILE:
             s_l = _max_score(q1, q2, kl1, kl2, row_ok, USE_DOT, IEEE)

@@ -35,9 +35,19 @@ def _num_iters(chunk_size: int) -> int:
     return max(1, math.ceil(math.log2(chunk_size))) if chunk_size > 1 else 1
 
 
-def _pooled_queries(q, q_start, q_len, pool):
-    """[NG, Hq, D] fp32 means of groups of ``pool`` consecutive queries, summed in order."""
+def _signed_rotation(cos, sin, angle: torch.Tensor):
+    """cos/sin rows of signed positions ``angle`` from tables of positions >= 0."""
+    a = angle.abs().long()
+    s = sin[a]
+    return cos[a], torch.where((angle < 0)[..., None], -s, s)
+
+
+def _pooled_queries(q, q_start, q_len, pool, turn=None):
+    """[NG, Hq, D] fp32 means of groups of ``pool`` consecutive queries, summed in order;
+    ``turn`` (cos, sin) [q_len, D/2] rotates each query first."""
     rows = q[q_start:q_start + q_len].float()
+    if turn is not None:
+        rows = rotate_reference(rows, turn[0][:, None, :], turn[1][:, None, :])
     n_groups = -(-q_len // pool)
     acc = torch.zeros((n_groups,) + rows.shape[1:], dtype=torch.float32, device=q.device)
     cnt = torch.zeros(n_groups, dtype=torch.float32, device=q.device)
@@ -67,9 +77,11 @@ def score_chunks_reference(
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
     score_norm: str = "none",
+    keys_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_hip_kernels.prune.score_chunks`: (scores [NB, C] fp32,
     starts [NB, C] int32, n_cand [NB] int32)."""
+    rotated = keys_rotated and mask_rope is not None
     dev = q.device
     nb = qblocks.num_blocks
     _, num_q_heads, head_dim = q.shape
@@ -80,6 +92,7 @@ def score_chunks_reference(
     seqs = qblocks.seq.tolist()
     q_starts = qblocks.q_start.tolist()
     q_lens = qblocks.q_len.tolist()
+    q_pos = qblocks.pos.tolist()
     w0s = qblocks.window_start.tolist()
     if cand_starts is None:
         num_cand = max(0, -(-(qblocks.max_window_start - sink_tokens) // chunk_size))
@@ -103,11 +116,16 @@ def score_chunks_reference(
         lo = st[j_idx][:, None].expand(-1, num_kv_heads).clone()
         hi = torch.clamp(lo + chunk_size, max=w0)
 
-        pooled = _pooled_queries(q, q_starts[b], q_lens[b], query_pool)
-        if mask_rope == "relative":
-            pooled = rotate_reference(pooled, cos[rope_distance], sin[rope_distance])
-        elif mask_rope == "chunk_indexed":
-            pooled = rotate_reference(pooled, cos[counts[b]], sin[counts[b]])
+        # the position pooled queries are scored at
+        target = rope_distance if mask_rope == "relative" else counts[b]
+        if rotated:  # each query turns from its true position to the target, then the mean
+            true = q_pos[b] + torch.arange(q_lens[b], device=dev)
+            turn = _signed_rotation(cos, sin, target - true)
+            pooled = _pooled_queries(q, q_starts[b], q_lens[b], query_pool, turn)
+        else:
+            pooled = _pooled_queries(q, q_starts[b], q_lens[b], query_pool)
+            if mask_rope is not None:
+                pooled = rotate_reference(pooled, cos[target], sin[target])
         n_groups = pooled.shape[0]
         # [Hkv, NG * G, D]: rows of kv head h are its G query heads for every pooled group
         qh = pooled.to(dot_dtype).double().reshape(n_groups, num_kv_heads, group, head_dim)
@@ -116,7 +134,11 @@ def score_chunks_reference(
         def score(tok: torch.Tensor) -> torch.Tensor:
             page = block_table[seq, (tok // page_size).to(dev)].long()
             k = key_cache[page, (tok % page_size).to(dev), heads[None, :]].float()
-            if mask_rope == "chunk_indexed":
+            if rotated:  # from the token's position back to j (chunk-indexed) or 0
+                back = (j_idx if mask_rope == "chunk_indexed" else torch.zeros_like(j_idx)).to(dev)
+                c, s_ = _signed_rotation(cos, sin, back[:, None] - tok.to(dev))
+                k = rotate_reference(k, c, s_)
+            elif mask_rope == "chunk_indexed":
                 pos = j_idx.to(dev)
                 k = rotate_reference(k, cos[pos][:, None, :], sin[pos][:, None, :])
             k = k.to(dot_dtype).double()
@@ -163,12 +185,14 @@ def run_stage_reference(
     sin: torch.Tensor | None = None,
     rope_distance: int = 1024,
     score_norm: str = "none",
+    keys_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_hip_kernels.prune.run_stage`."""
     scores, starts, _ = score_chunks_reference(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
         mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, score_norm=score_norm,
+        keys_rotated=keys_rotated,
     )
     nb = scores.shape[0]
     out = torch.full((nb, keep_chunks), -1, dtype=torch.int32)
@@ -226,6 +250,7 @@ def select_blocks_reference(
     score_norm: str = "none",
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
+    keys_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Reference of :func:`vllm_hip_kernels.prune.select_blocks`."""
     nb = qblocks.num_blocks
@@ -247,6 +272,7 @@ def select_blocks_reference(
             chunk_size=st.chunk_size, keep_chunks=st.keep_tokens // st.chunk_size,
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
             mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, score_norm=score_norm,
+            keys_rotated=keys_rotated,
         )
         if i + 1 < len(stages):
             inp = split_chunks_reference(

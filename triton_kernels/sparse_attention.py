@@ -145,6 +145,7 @@ def sparse_attention(
     window_tokens: int | None = None,
     page_cache: CachedPages | None = None,
     tile_q_len: int | None = None,
+    keys_rotated: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sink + selected blocks + sliding window attention of every query block.
 
@@ -152,7 +153,8 @@ def sparse_attention(
     ----------
     q : torch.Tensor
         [total_q, Hq, D] packed queries (bf16, fp16 or fp32); D a power of two in 32..256.
-        Unrotated when ``cos``/``sin`` are given.
+        Unrotated when ``cos``/``sin`` are given (rotated at its true positions with
+        ``keys_rotated``).
     key_cache, value_cache : torch.Tensor
         [num_pages, page_size, Hkv, D], any strides (views of vLLM's [num_pages, 2, ...] cache);
         bf16, fp16, fp32 or ``torch.float8_e4m3fn`` (dequantized with ``k_scale`` / ``v_scale``).
@@ -201,6 +203,11 @@ def sparse_attention(
         ``qblocks.max_q_len``) instead of the batch's longest. With a constant here and a fixed
         ``num_splits``, a query's output no longer depends on the other blocks of the launch
         (batch-invariant serving).
+    keys_rotated : bool
+        With ``cos``/``sin``: q and the cached keys carry the model's RoPE at their true positions
+        (as every vLLM backend caches them). Same streaming positions as above: the query and
+        window keys stay as they are, a sink or selected key turns by its assigned minus its true
+        position (>= 0).
 
     Returns
     -------
@@ -385,6 +392,7 @@ def sparse_attention(
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
         ROPE=rope,
+        KEYS_ROTATED=rope and keys_rotated,
         SOFTCAP=softcap > 0,
         STORE_LSE=return_lse,
         IEEE=q.dtype == torch.float32 or interpret,

@@ -15,7 +15,9 @@ and the sink/window parts need no other special case. With ``num_splits > 1`` ea
 normalized partial output and its base-2 log-sum-exp to fp32 scratch and ``_combine_splits_kernel``
 merges them; with one split the forward kernel writes ``Out`` directly.
 
-Streaming RoPE (``ROPE``): q and cached keys are unrotated; the query is rotated at its true
+Streaming RoPE (``ROPE``): q and cached keys are unrotated (``KEYS_ROTATED``: both carry the
+model's rotation at their true positions, the query needs none and a key turns by its assigned
+minus its true position, 0 in the window); the query is rotated at its true
 position, window keys at theirs, the ``n_sel`` valid selected tokens get ``W0 - n_sel + j`` (the
 j-th valid one is selected slot j, since blocks are sorted, distinct and only the last can straddle
 W0) and sink token ``s`` gets ``W0 - n_sel - sink_tokens + s``. The sink is anchored with its full
@@ -92,6 +94,7 @@ def _sparse_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     ROPE: tl.constexpr,
+    KEYS_ROTATED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
     IEEE: tl.constexpr,
@@ -153,7 +156,7 @@ def _sparse_attention_fwd_kernel(
     q2 = tl.load(
         Q + q_off[:, None] + (dh + HALF)[None, :] * stride_qd, mask=row_ok[:, None], other=0.0
     )
-    if ROPE:
+    if ROPE and not KEYS_ROTATED:
         pq = p_row.to(tl.int64)
         cq = tl.load(Cos + pq[:, None] * stride_cos + dh[None, :], mask=row_ok[:, None], other=0.0)
         sq = tl.load(Sin + pq[:, None] * stride_sin + dh[None, :], mask=row_ok[:, None], other=0.0)
@@ -238,6 +241,10 @@ def _sparse_attention_fwd_kernel(
             kpos = tl.where(
                 in_sink, sink_pos0 + sink_tok, tl.where(in_sel, w0 - n_sel + g, win_tok)
             )
+            if KEYS_ROTATED:
+                # Rotated at tok already: turn by the rest (>= 0: sink and selected tokens move
+                # towards W0, window keys not at all).
+                kpos = kpos - tok
             pk = tl.maximum(kpos, 0).to(tl.int64)
             c = tl.load(
                 Cos + pk[:, None] * stride_cos + dh[None, :], mask=kv_ok[:, None], other=0.0

@@ -88,6 +88,7 @@ def sparse_attention_reference(
     num_splits: int = 0,
     window_tokens: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    keys_rotated: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_hip_kernels.sparse_attention.sparse_attention` (same arguments).
 
@@ -139,8 +140,11 @@ def sparse_attention_reference(
                     win,
                 ]
             )
-            k = apply_rope_reference(k, kpos, cos, sin)
-            qb = apply_rope_reference(qb, p, cos, sin)
+            if keys_rotated:  # rotated at their true positions: turn by the difference
+                k = apply_rope_reference(k, kpos - keys, cos, sin)
+            else:
+                k = apply_rope_reference(k, kpos, cos, sin)
+                qb = apply_rope_reference(qb, p, cos, sin)
         allowed = keys[None, :] <= p[:, None]
         o, lse = _attend(qb, k, v, allowed, sm_scale, float(softcap or 0.0), compute_dtype)
         res[q_start : q_start + q_len] = o

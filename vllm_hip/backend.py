@@ -3,9 +3,11 @@
 Shaped like vLLM's ``v1/attention/backends/triton_attn.py``. Per step the builder cuts the batch
 into query blocks (``vllm_hip_kernels.query_blocks``), tracks rows for the decode mask cache
 (``vllm_hip.masks``) and plans which pruning stages run. Per layer the impl writes K/V into the
-paged cache (keys un-rotated in ``rope_mode="streaming"``), selects key blocks (exactly all of them
-while the context fits sink + window + k, else by hierarchical pruning or from the mask cache) and
-runs block-sparse attention.
+paged cache (keys rotated at their true positions, as every vLLM backend caches them, unless
+``rope_cache="unrotated"``), selects key blocks (exactly all of them while the context fits
+sink + window + k, else by hierarchical pruning or from the mask cache) and runs block-sparse
+attention. Steps whose rows all fit sink + window + k run FLASH_ATTN's own kernel instead where it
+can (``vllm_hip.flash_delegate``).
 
 KV cache layout: ``[num_pages, 2, page_size, num_kv_heads, head_size]`` (keys at index 0 of dim 1).
 
@@ -37,6 +39,7 @@ from vllm_hip_kernels.cached_pages import CachedPages
 from vllm_hip import prefill_lens
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
+from vllm_hip.flash_delegate import FlashDelegate, flash_forward
 from vllm_hip.launch_options import invariant_launch_options
 from vllm_hip.masks import LayerMaskCache, MaskStore, RefreshPlan, RowTracker, plan_refresh, subset_blocks
 from vllm_hip.page_cache import DevicePageCache, key_list_pages, shared_counters
@@ -98,6 +101,9 @@ class InfiniteHipMetadata:
     layer; the same for all)."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
+    flash: Any = None
+    """FLASH_ATTN's metadata for the step, when its kernel attends exactly for the layers whose
+    k covers every row (``vllm_hip.flash_delegate``)."""
 
 
 class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
@@ -118,6 +124,12 @@ class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
         self._tracker: RowTracker | None = None
         self._step = 0
         prefill_lens.install()
+        from vllm_hip.plugin import batch_invariant_requested
+
+        self._flash = FlashDelegate.create(
+            self.hip_config, kv_cache_spec, layer_names, vllm_config, device,
+            batch_invariant_requested(),
+        )  # fmt: skip
 
     def _row_tracker(self, block_table: torch.Tensor) -> RowTracker:
         if self._tracker is None:
@@ -139,7 +151,7 @@ class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
             tracker = self._row_tracker(block_table)
         self._step += 1
         hip_stats.get_stats().record_step()
-        return build_metadata(
+        md = build_metadata(
             self.hip_config,
             query_start_loc=cm.query_start_loc,
             query_start_loc_cpu=cm.query_start_loc_cpu[: num_reqs + 1],
@@ -155,6 +167,9 @@ class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
             tracker=tracker,
             step_id=self._step,
         )
+        if self._flash is not None and self._flash.covers(self.hip_config, md.qblocks_cpu):
+            md.flash = self._flash.build(cm)
+        return md
 
 
 def build_metadata(
@@ -368,8 +383,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             worker.install_allocation_hooks()
         from vllm_hip.plugin import rope_handed_over
 
-        # The model's rotary embedding was replaced by an identity (plugin.py): q and k arrive
-        # un-rotated. Otherwise they arrive rotated and are rotated back here.
+        # The model's rotary embedding was replaced by an identity (plugin.py, rope_cache=
+        # "unrotated"): q and k arrive un-rotated. Otherwise they arrive rotated and are cached
+        # so (rope_cache="rotated"), or rotated back here.
         self.rope_handed_over = rope_handed_over()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._own_mask_store: MaskStore | None = None
@@ -384,6 +400,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         self.batch_invariant = batch_invariant_requested()
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def keys_rotated(self) -> bool:
+        """Whether q and the cached keys carry the model's RoPE at their true positions."""
+        cfg = self.hip_config
+        return cfg.rope_mode == "model" or (cfg.rope_cache == "rotated" and not self.rope_handed_over)
+
     def _layer_index(self, layer: Any) -> int:
         if self.layer_idx is None:
             name = getattr(layer, "layer_name", "") or ""
@@ -494,11 +516,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         rope = self._rope_tables(q.device)
-        if rope is not None and not self.rope_handed_over:
+        rotated = self.keys_rotated
+        if rope is not None and not self.rope_handed_over and not rotated:
             from vllm_hip.rope import unrotate
 
-            # q and k arrive rotated at their true positions by the model; the kernels assign
-            # positions themselves (streaming RoPE), so both go back to un-rotated form.
+            # rope_cache="unrotated" but the model rotated q and k (its RoPE was not handed
+            # over): both go back to un-rotated form before they are cached.
             q = unrotate(q, md.positions, *rope)
             k = unrotate(k, md.positions, *rope)
         key_cache, value_cache = kv_cache.unbind(1)
@@ -509,6 +532,18 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k_scale = float(getattr(layer, "_k_scale_float", 1.0))
         v_scale = float(getattr(layer, "_v_scale_float", 1.0))
         write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
+        layer_idx = self._layer_index(layer)
+        if md.flash is not None:
+            k_tokens = self.hip_config.selected_tokens_for_layer(layer_idx)
+            if md.qblocks_cpu.max_window_start - self.hip_config.sink_tokens <= k_tokens:
+                # Every row fits sink + window + k: FLASH_ATTN's own kernel attends exactly
+                # (keys are cached as it caches them), and its outputs are FLASH_ATTN's.
+                st = hip_stats.get_stats()
+                st.record_attended(n, k_tokens)
+                st.record_exact_fallback()
+                out = output[:n].view(n, self.num_heads, self.head_size)
+                flash_forward(self, layer, q, kv_cache, out, md.flash)
+                return output
         pc = self._offload_page_cache(kv_cache)
         cached = None
         if pc is not None:
@@ -522,8 +557,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             write_kv_cache(k, v, ck, cv, cache_slots, self.kv_cache_dtype, layer)
             cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
 
-        layer_idx = self._layer_index(layer)
-        sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached)
+        sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached, rotated)
         from vllm_hip_kernels import sparse_attention as sa
 
         out = output[:n].view(n, self.num_heads, self.head_size)
@@ -546,6 +580,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 cos=rope[0] if rope is not None else None,
                 sin=rope[1] if rope is not None else None,
                 window_tokens=self.hip_config.window_tokens,
+                keys_rotated=rotated,
                 page_cache=cached,
                 out=out,  # straight into vLLM's output buffer (no copy)
                 **kind.options,
@@ -567,6 +602,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k_scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         page_cache: CachedPages | None = None,
+        keys_rotated: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.hip_config
         self._reused_all = False
@@ -606,6 +642,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             rope_distance=cfg.window_tokens,
             score_norm=cfg.score_norm,
             page_cache=page_cache,  # offload: mask estimation reads hot pages from the GPU
+            keys_rotated=keys_rotated,
         )
         if k_tokens not in md.plans:
             plan = plan_refresh(

@@ -200,6 +200,16 @@ class InfiniteHipConfig:
     model serve contexts beyond its trained length. ``"model"``: keys keep the model's own rotation
     (true positions); no context extension."""
 
+    rope_cache: str = "rotated"
+    """How ``rope_mode="streaming"`` caches keys (vLLM backend). ``"rotated"``: the model rotates
+    q and k at their true positions, as under every other backend, the cache holds them so, and
+    the kernels turn each key (and, for mask estimation, each query) by its assigned minus its
+    true position. Contexts within sink + window + k then run vLLM's own FlashAttention kernel
+    (where it is available, outside offload and batch-invariant mode): the same greedy output as
+    ``--attention-backend FLASH_ATTN``. ``"unrotated"``: the model's rotary embedding is replaced
+    by an identity and keys are cached without RoPE (one bf16 rounding fewer per key; exact
+    attention by our own kernel)."""
+
     allow_long_context: bool = True
     """With ``rope_mode="streaming"``, let vLLM accept ``--max-model-len`` above the model's
     ``max_position_embeddings`` (sets ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` for the user)."""
@@ -311,6 +321,7 @@ class InfiniteHipConfig:
         _check_int("early_layers", self.early_layers, 0, 1024)
         _check_int("decode_splits", self.decode_splits, 0, 256)
         _check_choice("rope_mode", self.rope_mode, ("streaming", "model"))
+        _check_choice("rope_cache", self.rope_cache, ("rotated", "unrotated"))
         _check_choice("score_norm", self.score_norm, ("head_max", "none"))
         for name in ("allow_long_context", "export_metrics", "offload", "split_last_query",
                      "align_prefill_chunks"):

@@ -189,7 +189,7 @@ def _streaming_rope_selected() -> bool:
     except ValueError:
         return False  # reported by the backend with the field's name
     model_config = getattr(vc, "model_config", None)
-    if cfg.rope_mode != "streaming" or model_config is None:
+    if cfg.rope_mode != "streaming" or cfg.rope_cache != "unrotated" or model_config is None:
         return False
     from vllm_hip.backend import streaming_rope_supported
 
@@ -197,11 +197,11 @@ def _streaming_rope_selected() -> bool:
 
 
 def _patch_get_rope() -> None:
-    """Take RoPE over from the model when INFINITEHIP streams positions itself.
+    """Take RoPE over from the model when INFINITEHIP streams positions into un-rotated keys.
 
-    With ``rope_mode="streaming"`` the kernels rotate queries and keys at positions they assign, so
-    the model's own rotation would only have to be undone (in bf16: a second rounding of every key
-    in the cache). Models build their rotary embedding through ``get_rope`` while the VllmConfig
+    With ``rope_mode="streaming"`` and ``rope_cache="unrotated"`` the kernels rotate un-rotated
+    queries and keys at positions they assign, so the model's own rotation would only have to be
+    undone (in bf16: a second rounding of every key in the cache). Models build their rotary embedding through ``get_rope`` while the VllmConfig
     is current; when our backend is selected the model gets an embedding that leaves q and k as
     they are, and the backend sees them un-rotated. Every other backend gets vLLM's own.
     """
