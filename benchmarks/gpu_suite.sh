@@ -130,7 +130,7 @@ quality)
       --backends FLASH_ATTN \
       --label 'INFINITEHIP=INFINITEHIP[ray]:{}' --run-args 'INFINITEHIP[ray]=--distributed-executor-backend ray' \
       --label 'TRITON_ATTN=TRITON_ATTN:{}' \
-      --label 'INFINITEHIP=INFINITEHIP[rope_mode=model]:{"infinitehip":{"rope_mode":"model"}}' \
+      --label 'INFINITEHIP=INFINITEHIP[unrotated]:{"infinitehip":{"rope_cache":"unrotated"}}' \
       --extra "$SMALL" --metrics-tokens 6000 --startup-timeout 240 \
       --port 8134 --log-dir "$OUT" --out "$OUT/serve_equivalence_noise.json" >"$OUT/serve_equivalence_noise.log" 2>&1) &
   pids+=($!)
@@ -140,6 +140,14 @@ quality)
       --lengths 4096,8192,16384,32768,65536,131072 --time-budget "$(left 40)" \
       --out "$OUT/passkey.json" --plot "$OUT/passkey.png" >"$OUT/passkey.log" 2>&1) &
   pids+=($!)
+  # The keys' other cache form beside the default, on the same prompts (PASSKEY_UNROTATED=0 skips).
+  if [ "${PASSKEY_UNROTATED:-1}" = 1 ]; then
+    (sleep 10; timeout -k 10 "$(left 5)" python3 benchmarks/passkey.py --model "$SMOLLM2" --gpu-memory-utilization 0.1 $EAGER \
+        --backends INFINITEHIP --label 'INFINITEHIP[unrotated]' --additional-config '{"infinitehip":{"rope_cache":"unrotated"}}' \
+        --kv-cache-memory-bytes 8000000000 --lengths 4096,8192,16384,32768,65536,131072 --time-budget "$(left 45)" \
+        --out "$OUT/passkey_unrotated.json" >"$OUT/passkey_unrotated.log" 2>&1) &
+    pids+=($!)
+  fi
   if [ "${RAY_BATCH:-0}" = 1 ]; then
     (sleep 40; timeout -k 10 "$(left)" python3 benchmarks/ray_batch.py --model "$SMOLLM2" --num-docs 16 --doc-tokens 32768 \
         --gpu-memory-utilization 0.08 --kv-cache-memory-bytes 6000000000 $EAGER --parallel --timeout "$(left 60)" --workdir "$OUT/ray_batch" \
