@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh configs   # passkey/multikey of every configuration in
 #                                          # benchmarks/sweep_configs.json, vLLM and transformers
 #   bash benchmarks/gpu_suite.sh offload   # Llama-3.1-8B shape, KV offload vs FLASH_ATTN (timed alone)
+#   bash benchmarks/gpu_suite.sh kernels   # kernels.py vs FA3 for each --rope mode (timed alone)
 #   bash benchmarks/gpu_suite.sh profile   # decode throughput of a served batch, cProfile + kernel
 #                                          # profile (after prep), then the KV-pressure fault
 #   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone;
@@ -26,7 +27,7 @@
 # finished. None of its jobs reports a timing that the others could not distort, except Ray
 # batch throughput (noted in its records).
 set -uo pipefail
-part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|profile|load}"
+part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|kernels|profile|load}"
 PREP=/tmp/vllm_hip_prep
 # Jobs write to $OUT (a work folder); the device tool brings back at most 8 files of the folder
 # it names $OUT, so that one gets a tarball of everything (refreshed every 30 s, so a call cut
@@ -241,6 +242,20 @@ load)
     tail -40 "$OUT/load.log"
   fi
   ;;
+kernels)
+  # Kernel latencies vs FA3 at Llama-3.1-8B shapes for each way keys meet RoPE (KERNEL_ROPES):
+  # what the default rope_cache="rotated" costs against the un-rotated cache and no RoPE at all.
+  for _ in $(seq 1 "${PREP_WAIT:-180}"); do [ -f "$PREP/done" ] && break; sleep 1; done
+  IFS=, read -ra ropes <<<"${KERNEL_ROPES:-model,unrotated,rotated}"
+  for m in "${ropes[@]}"; do
+    stamp "kernels.py --rope $m"
+    timeout -k 10 "$(left 10)" python3 benchmarks/kernels.py --rope "$m" \
+        --contexts "${KERNEL_CONTEXTS:-131072,1048576}" --out "$OUT/kernels_$m.json" >"$OUT/kernels_$m.log" 2>&1
+    grep -v "^INFO\|^WARNING" "$OUT/kernels_$m.log" | tail -6
+  done
+  python3 -c "import json,sys; json.dump(sum((json.load(open(f)) for f in sys.argv[2:]), []), open(sys.argv[1], 'w'), indent=1)" \
+    "$OUT/kernels.json" "$OUT"/kernels_*.json 2>/dev/null
+  ;;
 profile)
   # After prep's kernel tests (they would share the GPU with the timed steps): the decode
   # throughput of a served batch and where its time goes (cProfile + torch.profiler), then
@@ -277,7 +292,7 @@ snapshot
 if [ -n "$RETURN" ]; then
   for f in serve_equivalence.json serve_equivalence_noise.json passkey.json passkey.png passkey_sweep.png \
            passkey_configs.json passkey_configs.png \
-           fault.json offload_fa.json offload_hip.json load.json profile_decode.json; do
+           fault.json offload_fa.json offload_hip.json load.json profile_decode.json kernels.json; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RETURN/"
   done
   ls "$RETURN"

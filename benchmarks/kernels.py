@@ -37,6 +37,23 @@ from vllm_hip.config import InfiniteHipConfig  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 PAGE = 16
+ROPE = {"mode": "model"}
+"""How keys and queries meet RoPE (``--rope``): ``model`` none in the kernels (keys as cached);
+``unrotated``/``rotated``: streaming RoPE on keys cached without / with the model's rotation."""
+
+
+def rope_kwargs(ctx: int, cfg: InfiniteHipConfig, layer: int) -> tuple[dict, dict]:
+    """(pruning, attention) keyword arguments of the ``--rope`` mode (Llama-3.1 theta)."""
+    mode = ROPE["mode"]
+    if mode == "model":
+        return {}, {}
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float64, device="cuda") / D))
+    ang = torch.arange(ctx + 1, dtype=torch.float64, device="cuda")[:, None] * inv[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    rotated = mode == "rotated"
+    prune = dict(mask_rope="chunk_indexed" if layer < cfg.early_layers else "relative", cos=cos,
+                 sin=sin, rope_distance=cfg.window_tokens, keys_rotated=rotated)
+    return prune, dict(cos=cos, sin=sin, keys_rotated=rotated)
 
 
 def bench(fn, graph: bool) -> float:
@@ -102,8 +119,9 @@ def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
         for i, s in enumerate(cfg.stages)
     ]  # fmt: skip
     launch = DECODE_INVARIANT if nq == 1 else INVARIANT
+    prune_rope, attend_rope = rope_kwargs(ctx, cfg, layer)
     kw = dict(sink_tokens=cfg.sink_tokens, score_norm=cfg.score_norm,
-              tile_q_len=launch.get("tile_q_len"))  # fmt: skip
+              tile_q_len=launch.get("tile_q_len"), **prune_rope)  # fmt: skip
     sel, cnt, inputs = select_blocks(q, kc, bt, seq_lens, qb, stages, **kw)
     out = torch.empty_like(q)
 
@@ -111,7 +129,7 @@ def ours(q, kc, vc, bt, ctx, cfg: InfiniteHipConfig, layer: int, scale: float):
         sparse_attention(
             q, kc, vc, bt, seq_lens, qb, s, c, sink_tokens=cfg.sink_tokens,
             block_size_k=cfg.block_size_k, sm_scale=scale, out=out,
-            window_tokens=cfg.window_tokens, **launch,
+            window_tokens=cfg.window_tokens, **launch, **attend_rope,
         )  # fmt: skip
 
     def from_stage(i):
@@ -153,7 +171,7 @@ def run_decode(ctx: int, cfg: InfiniteHipConfig, dev: str, cmd: str, layer: int)
     avg = schedule_average(t, cfg)
     base = dict(context_tokens=ctx, device=dev, command=cmd, unit="us", batch_size=1,
                 num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer,
-                batch_invariant=bool(INVARIANT), score_norm=cfg.score_norm)
+                batch_invariant=bool(INVARIANT), score_norm=cfg.score_norm, rope=ROPE["mode"])
     rec.append(dict(metric="decode_attention_us", backend="FLASH_ATTN", value=t_fa, **base))
     for k, v in t.items():
         rec.append(dict(metric="decode_attention_us", backend=f"INFINITEHIP[{k}]", value=v,
@@ -192,7 +210,7 @@ def run_prefill(ctx: int, chunk: int, cfg: InfiniteHipConfig, dev: str, cmd: str
           f"({t_fa / t_ours:.2f}x)", flush=True)
     base = dict(context_tokens=ctx, device=dev, command=cmd, unit="ms", chunk_tokens=nq,
                 num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16", layer=layer,
-                batch_invariant=bool(INVARIANT), score_norm=cfg.score_norm)
+                batch_invariant=bool(INVARIANT), score_norm=cfg.score_norm, rope=ROPE["mode"])
     del kc, vc
     torch.cuda.empty_cache()
     return [
@@ -212,8 +230,12 @@ def main(argv=None) -> int:
     ap.add_argument("--recall", action="store_true", help="also measure top-k recall on SmolLM2")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="launch as under VLLM_BATCH_INVARIANT=1 (tiles for a full query block, one split)")
+    ap.add_argument("--rope", choices=("model", "unrotated", "rotated"), default="model",
+                    help="RoPE in the kernels: none (keys as cached), or streaming positions on "
+                         "keys cached without / with the model's rotation (rope_cache)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    ROPE["mode"] = args.rope
     cfg = InfiniteHipConfig.from_dict(json.loads(args.config))
     if args.batch_invariant:
         # what the backend launches for this script's blocks: one-query blocks (decode) and
