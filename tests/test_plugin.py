@@ -220,11 +220,16 @@ def test_rope_is_handed_over_only_to_our_streaming_backend():
         vc = VllmConfig(device_config=DeviceConfig(device="cpu"),
                         attention_config=AttentionConfig(backend=backend),
                         additional_config={"infinitehip": options})
-        object.__setattr__(vc, "model_config", types.SimpleNamespace(hf_config=hf))
+        object.__setattr__(vc, "model_config", types.SimpleNamespace(hf_config=hf, max_model_len=20000))
         with set_current_vllm_config(vc):
             return re.get_rope(64, 8192, rope_parameters={"rope_theta": 1e4})
 
-    assert type(built("INFINITEHIP", {})).__name__ == "RotaryEmbedding"  # rope_cache="rotated"
+    rotated = built("INFINITEHIP", {})  # rope_cache="rotated": vLLM's own, for every position
+    assert type(rotated).__name__ == "RotaryEmbedding"
+    assert rotated.cos_sin_cache.shape[0] == 20000  # not 8192: --max-model-len is served
+    assert built("FLASH_ATTN", {}).cos_sin_cache.shape[0] == 8192
+    # positions the trained length covers rotate exactly as under FLASH_ATTN
+    assert torch.equal(rotated.cos_sin_cache[:8192], built("FLASH_ATTN", {}).cos_sin_cache)
     ours = built("INFINITEHIP", {"rope_cache": "unrotated"})
     q, k = torch.randn(3, 128), torch.randn(3, 64)
     out_q, out_k = ours(torch.arange(3), q, k)

@@ -176,24 +176,55 @@ def rope_handed_over() -> bool:
     return _rope_handed_over
 
 
-def _streaming_rope_selected() -> bool:
+def _selected_config():
+    """(our config, vLLM's config) while a model is built for INFINITEHIP, else None."""
     from vllm.config import get_current_vllm_config_or_none
 
     vc = get_current_vllm_config_or_none()
     if vc is None or not is_infinitehip(getattr(vc.attention_config, "backend", None)):
-        return False
+        return None
     from vllm_hip.config import InfiniteHipConfig
 
     try:
         cfg = InfiniteHipConfig.from_vllm_additional_config(vc.additional_config)
     except ValueError:
-        return False  # reported by the backend with the field's name
-    model_config = getattr(vc, "model_config", None)
-    if cfg.rope_mode != "streaming" or cfg.rope_cache != "unrotated" or model_config is None:
+        return None  # reported by the backend with the field's name
+    if getattr(vc, "model_config", None) is None:
+        return None
+    return cfg, vc
+
+
+def _streaming_rope_selected() -> bool:
+    sel = _selected_config()
+    if sel is None:
+        return False
+    cfg, vc = sel
+    if cfg.rope_mode != "streaming" or cfg.rope_cache != "unrotated":
         return False
     from vllm_hip.backend import streaming_rope_supported
 
-    return streaming_rope_supported(model_config.hf_config)
+    return streaming_rope_supported(vc.model_config.hf_config)
+
+
+def _rotated_positions_needed() -> int:
+    """Positions the model's own rotary embedding must cover when it rotates for INFINITEHIP
+    (0: no change). vLLM sizes its cos/sin cache by ``max_position_embeddings``; positions
+    beyond it (``--max-model-len`` above the trained length) would read past the cache. The
+    kernels only use differences of the model's rotations, so rotating every position up to
+    ``max_model_len`` is what the rotated cache needs."""
+    sel = _selected_config()
+    if sel is None:
+        return 0
+    return int(getattr(sel[1].model_config, "max_model_len", 0) or 0)
+
+
+def _with_max_position(args: tuple, kwargs: dict, need: int) -> tuple[tuple, dict]:
+    """``get_rope`` arguments with ``max_position`` raised to at least ``need``."""
+    if "max_position" in kwargs:
+        kwargs = {**kwargs, "max_position": max(int(kwargs["max_position"]), need)}
+    elif len(args) >= 2:
+        args = (args[0], max(int(args[1]), need), *args[2:])
+    return args, kwargs
 
 
 def _patch_get_rope() -> None:
@@ -201,9 +232,12 @@ def _patch_get_rope() -> None:
 
     With ``rope_mode="streaming"`` and ``rope_cache="unrotated"`` the kernels rotate un-rotated
     queries and keys at positions they assign, so the model's own rotation would only have to be
-    undone (in bf16: a second rounding of every key in the cache). Models build their rotary embedding through ``get_rope`` while the VllmConfig
-    is current; when our backend is selected the model gets an embedding that leaves q and k as
-    they are, and the backend sees them un-rotated. Every other backend gets vLLM's own.
+    undone (in bf16: a second rounding of every key in the cache). Models build their rotary
+    embedding through ``get_rope`` while the VllmConfig is current; when our backend is selected
+    the model gets an embedding that leaves q and k as they are, and the backend sees them
+    un-rotated. With keys cached rotated the model keeps vLLM's embedding, sized for
+    ``max_model_len`` positions (:func:`_rotated_positions_needed`). Every other backend gets
+    vLLM's own, unchanged.
     """
     from vllm.model_executor.layers import rotary_embedding as re
 
@@ -212,9 +246,12 @@ def _patch_get_rope() -> None:
         return
 
     def get_rope(*args, **kwargs):
-        rope = original(*args, **kwargs)
         if not _streaming_rope_selected():
-            return rope
+            need = _rotated_positions_needed()
+            if need:
+                args, kwargs = _with_max_position(args, kwargs, need)
+            return original(*args, **kwargs)
+        rope = original(*args, **kwargs)
         global _rope_handed_over
         _rope_handed_over = True
         return _IdentityRope(rope)
