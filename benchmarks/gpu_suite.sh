@@ -98,8 +98,10 @@ run_faults() {
   # The burst: 12 requests of 3,000 tokens, 512 generated each (4 fit at once, and outgrow the
   # cache in decode); 3 re-sent alone. Larger bursts did not finish in a call (decode of this
   # eager server under the suite's other jobs: ~14 tokens/s a request).
+  # Batch-invariant: a preempted request's greedy output must then equal the prompt's alone (the
+  # seventh session's burst preempted 4 times, and 3 of 3 differed outside that mode).
   timeout -k 10 "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
-      --pressure-requests 12 --pressure-prompt-tokens 3000 --pressure-new-tokens 512 --pressure-verify 3 \
+      --batch-invariant --pressure-requests 12 --pressure-prompt-tokens 3000 --pressure-new-tokens 512 --pressure-verify 3 \
       --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager" \
       --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
   timeout -k 10 120 python3 -m vllm.entrypoints.cli.main serve "$SMOLLM2" --attention-backend INFINITEHIP \

@@ -449,6 +449,22 @@ def test_faults_all_pass_on_a_well_behaved_server(tmp_path):
     assert fake.n.running == 0
 
 
+@pytest.mark.parametrize("invariant", [False, True])
+def test_kv_pressure_outputs_must_equal_alone_only_in_batch_invariant_mode(tmp_path, invariant):
+    """A batch-dependent server (outputs change while other requests run): outside
+    batch-invariant mode the burst's differing outputs are reported, as vLLM promises no more;
+    with --batch-invariant they fail the fault."""
+    out = str(tmp_path / "faults.json")
+    extra = ["--faults", "kv_pressure"] + (["--batch-invariant"] if invariant else [])
+    with FakeServer(Faults(drift=True, token_delay=0.002, capacity_tokens=600)) as fake:
+        rc = fault_test.main(_fault_args(fake.url, out, *extra))
+    recs = _records(out)
+    kv = recs[("FAKE", "fault_passed/kv_pressure")]
+    assert recs[("FAKE", "output_mismatches")]["value"] > 0 and fake.n.preemptions > 0
+    assert kv["value"] == (0 if invariant else 1) and rc == (1 if invariant else 0)
+    assert ("not batch-invariant: expected" in kv["observed"]) == (not invariant)
+
+
 def test_faults_detect_a_5xx_refusal_and_a_leaked_request(tmp_path):
     out = str(tmp_path / "faults.json")
     with FakeServer(Faults(too_long_status=500, leak_on_disconnect=True, token_delay=0.005)) as fake:
