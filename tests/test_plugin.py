@@ -236,3 +236,14 @@ def test_rope_is_handed_over_only_to_our_streaming_backend():
     assert out_q is q and out_k is k and plugin.rope_handed_over()
     assert type(built("FLASH_ATTN", {})).__name__ == "RotaryEmbedding"
     assert type(built("INFINITEHIP", {"rope_mode": "model"})).__name__ == "RotaryEmbedding"
+
+
+def test_max_position_is_raised_in_either_calling_form():
+    """get_rope(head, max_position, ...) or get_rope(head, max_position=...): raised, never
+    lowered (Llama builds it with the keyword)."""
+    from vllm_hip.plugin import _with_max_position
+
+    assert _with_max_position((64, 8192), {}, 20000) == ((64, 20000), {})
+    assert _with_max_position((64,), {"max_position": 8192, "is_neox_style": True}, 20000) == (
+        (64,), {"max_position": 20000, "is_neox_style": True})
+    assert _with_max_position((64, 30000), {}, 20000) == ((64, 30000), {})
