@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh configs   # passkey/multikey of every configuration in
 #                                          # benchmarks/sweep_configs.json, vLLM and transformers
 #   bash benchmarks/gpu_suite.sh offload   # Llama-3.1-8B shape, KV offload vs FLASH_ATTN (timed alone)
+#   bash benchmarks/gpu_suite.sh equality  # serve equality of offload and the un-rotated cache
 #   bash benchmarks/gpu_suite.sh kernels   # kernels.py vs FA3 for each --rope mode (timed alone)
 #   bash benchmarks/gpu_suite.sh profile   # decode throughput of a served batch, cProfile + kernel
 #                                          # profile (after prep), then the KV-pressure fault
@@ -27,7 +28,7 @@
 # finished. None of its jobs reports a timing that the others could not distort, except Ray
 # batch throughput (noted in its records).
 set -uo pipefail
-part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|kernels|profile|load}"
+part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|equality|kernels|profile|load}"
 PREP=/tmp/vllm_hip_prep
 # Jobs write to $OUT (a work folder); the device tool brings back at most 8 files of the folder
 # it names $OUT, so that one gets a tarball of everything (refreshed every 30 s, so a call cut
@@ -243,6 +244,18 @@ load)
       --log-dir "$OUT" --out "$OUT/load.json" >"$OUT/load.log" 2>&1
     tail -40 "$OUT/load.log"
   fi
+  ;;
+equality)
+  # Serve equality of the configurations the quality chains do not reach in time: offload and
+  # the un-rotated key cache, against FLASH_ATTN (their outputs are our exact kernel's there).
+  timeout -k 10 "$(left)" python3 benchmarks/serve_equivalence.py --model "$SMOLLM2" \
+      --backends FLASH_ATTN \
+      --label 'INFINITEHIP=INFINITEHIP[offload]:{"infinitehip":{"offload":true}}' \
+      --label 'INFINITEHIP=INFINITEHIP[unrotated]:{"infinitehip":{"rope_cache":"unrotated"}}' \
+      --extra "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 2000000000 --enforce-eager" \
+      --metrics-tokens 6000 --startup-timeout 240 --port 8135 --log-dir "$OUT" \
+      --out "$OUT/serve_equivalence_more.json" >"$OUT/serve_equivalence_more.log" 2>&1
+  tail -20 "$OUT/serve_equivalence_more.log"
   ;;
 kernels)
   # Kernel latencies vs FA3 at Llama-3.1-8B shapes for each way keys meet RoPE (KERNEL_ROPES):

@@ -467,6 +467,44 @@ def test_exact_steps_go_to_flash_attn_when_it_can(monkeypatch):
         assert ((out.float() - dense).abs().max().item() < 1e-4) == exact
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_kernel_on_our_cache_equals_it_on_its_own_layout():
+    """FLASH_ATTN's kernel reading our [pages, 2, page, Hkv, D] cache through strided views gives
+    bit for bit what it gives on FLASH_ATTN's own K|V-packed layout holding the same values."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+    from vllm_hip.flash_delegate import _flash_impl, flash_forward
+
+    hq, hkv, d, pages = 8, 2, 64, 40
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ours = torch.randn(pages, 2, PAGE, hkv, d, device="cuda", generator=g).to(torch.bfloat16)
+    packed = torch.cat([ours[:, 0], ours[:, 1]], dim=-1)  # FLASH_ATTN's [pages, page, Hkv, 2D]
+    lens, q_lens = [100, 37, 200], [5, 1, 64]
+    bt = torch.randperm(pages, device="cuda", generator=g).to(torch.int32)[:39].view(3, 13)
+    cu = torch.tensor([0, 5, 6, 70], dtype=torch.int32, device="cuda")
+    seqused = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(q_lens), hq, d, device="cuda", generator=g).to(torch.bfloat16)
+    layer = FakeLayer(0)
+    layer._q_scale = torch.tensor(1.0, device="cuda")
+    impl = make_impl(InfiniteHipConfig(), hq, hkv, d)
+    fa = _flash_impl(impl)
+    md = SimpleNamespace(query_start_loc=cu, max_query_len=64, seq_lens=seqused, max_seq_len=200,
+                         causal=True, block_table=bt, scheduler_metadata=None, max_num_splits=0,
+                         sliding_window=(-1, -1))
+    got = torch.empty_like(q)
+    flash_forward(impl, layer, q, ours, got, md)
+    want = torch.empty_like(q)
+    ones = torch.ones(3, hkv, device="cuda")
+    flash_attn_varlen_func(q=q, k=packed[..., :d], v=packed[..., d:], out=want, cu_seqlens_q=cu,
+                           max_seqlen_q=64, seqused_k=seqused, max_seqlen_k=200,
+                           softmax_scale=impl.scale, causal=True, window_size=[-1, -1],
+                           block_table=bt, softcap=0, fa_version=fa.vllm_flash_attn_version,
+                           q_descale=ones if fa.supports_quant_query_input else None,
+                           k_descale=ones, v_descale=ones, num_splits=0)
+    assert torch.equal(got, want)
+
+
 def test_flash_delegate_only_where_keys_are_cached_its_way():
     from vllm_hip.flash_delegate import delegate_unavailable_reason
 
