@@ -88,7 +88,8 @@ def run(args, count: bool = False) -> dict:
         impl.hip_config = cfg
         impl._hf_config = hf
         impl._max_positions = ctx + steps + 1
-        impl.rope_handed_over = True  # as served: the model's rotary embedding handed over
+        # as served: the model's rotary embedding is handed over only to an un-rotated cache
+        impl.rope_handed_over = cfg.rope_cache == "unrotated"
         impl.layer_idx = i
         impls.append(impl)
         fake_layers.append(_Layer(i))
