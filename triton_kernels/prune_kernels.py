@@ -329,8 +329,6 @@ def _score_chunks_kernel(
             target = tl.where(valid, j, 0)
         else:
             target = tl.zeros_like(j)
-        ck = 1.0
-        sk = 0.0
     elif ROPE_K:
         # chunk-indexed RoPE: every key sampled from candidate j sits at position j
         jj = tl.where(valid, j, 0).to(tl.int64)

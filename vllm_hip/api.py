@@ -289,7 +289,7 @@ def infinitehip_attention(
     if not q_packed.is_contiguous():
         q_packed = q_packed.contiguous()
 
-    exact = qb_cpu.max_window_start - config.sink_tokens <= k_layer
+    exact = config.attends_exactly(qb_cpu.max_window_start, k_layer)
     paged = None
     if impl in ("triton", "reference"):
         paged = _paged_view(k, v, page_size)

@@ -535,7 +535,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         layer_idx = self._layer_index(layer)
         if md.flash is not None:
             k_tokens = self.hip_config.selected_tokens_for_layer(layer_idx)
-            if md.qblocks_cpu.max_window_start - self.hip_config.sink_tokens <= k_tokens:
+            if self.hip_config.attends_exactly(md.qblocks_cpu.max_window_start, k_tokens):
                 # Every row fits sink + window + k: FLASH_ATTN's own kernel attends exactly
                 # (keys are cached as it caches them), and its outputs are FLASH_ATTN's.
                 st = hip_stats.get_stats()
@@ -613,7 +613,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         if k_tokens == 0 or qb_cpu.num_blocks == 0:
             empty = torch.full((qb_cpu.num_blocks, 0), -1, dtype=torch.int32, device=q.device)
             return empty, torch.zeros(qb_cpu.num_blocks, dtype=torch.int32, device=q.device)
-        if qb_cpu.max_window_start - cfg.sink_tokens <= k_tokens:
+        if cfg.attends_exactly(qb_cpu.max_window_start, k_tokens):
             # Every block between sink and window fits in k: attend everything (exact). The mask
             # cache is not permuted on such a step, and need not be: every row of it is exact
             # for this k, a row that outgrows exact attention later gets a full refresh

@@ -424,6 +424,11 @@ class InfiniteHipConfig:
         """k for the given layer index (early layers may keep more)."""
         return self.early_selected_tokens if layer < self.early_layers else self.selected_tokens
 
+    def attends_exactly(self, max_window_start: int, k_tokens: int) -> bool:
+        """Whether k tokens cover every key between the sink and the window of every query block
+        (the longest such region is ``max_window_start - sink``): then attention is exact."""
+        return max_window_start - self.sink_tokens <= k_tokens
+
     def stage_keep_tokens(self, stage: int, layer: int) -> int:
         """Tokens kept by ``stage`` in ``layer``: the last stage keeps the layer's k."""
         if stage == len(self.stages) - 1:

@@ -73,8 +73,8 @@ class FlashDelegate:
 
     def covers(self, cfg: Any, qblocks_cpu: Any) -> bool:
         """Whether some layer attends exactly on this step (then FLASH_ATTN's metadata is made)."""
-        return qblocks_cpu.num_blocks > 0 and (
-            qblocks_cpu.max_window_start - cfg.sink_tokens <= cfg.max_selected_tokens
+        return qblocks_cpu.num_blocks > 0 and cfg.attends_exactly(
+            qblocks_cpu.max_window_start, cfg.max_selected_tokens
         )
 
     def build(self, common_attn_metadata: Any) -> Any:
