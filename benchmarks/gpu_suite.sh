@@ -201,16 +201,29 @@ configs)
   ;;
 offload)
   stamp "start: offload benchmark"
-  # FLASH_ATTN first (it bounds the comparison), then INFINITEHIP with the KV in host memory up
-  # to 1M tokens; each context is saved as it completes, so a cut-off run keeps the rest.
-  python3 benchmarks/offload.py --shape llama-3.1-8b --decode-tokens 48 \
-    --backend-contexts "FLASH_ATTN=${FA_CONTEXTS:-131072,262144}" --timeout "${FA_TIMEOUT:-170}" \
-    --gpu-memory-utilization 0.85 --workdir "$OUT/offload" \
-    --out "$OUT/offload_fa.json" >"$OUT/offload_fa.log" 2>&1
-  python3 benchmarks/offload.py --shape llama-3.1-8b --decode-tokens 48 \
+  # FLASH_ATTN first (it bounds the comparison; FA_CONTEXTS= skips it), then INFINITEHIP with
+  # the KV in host memory up to 1M tokens; each context is saved as it completes, so a cut-off
+  # run keeps the rest. OFFLOAD_SHAPE=llama-3.2-1b for the 3M-token run, OFFLOAD_PROFILE=1 adds
+  # a torch.profiler + cProfile pass over 16 decode steps per context, OFFLOAD_FAULTS=1 runs the
+  # fault suite beside it (its own small server: the timings are then shared-GPU ones).
+  if [ "${OFFLOAD_FAULTS:-0}" = 1 ]; then run_faults & fpid=$!; fi
+  shape="${OFFLOAD_SHAPE:-llama-3.1-8b}"
+  prof=(); [ "${OFFLOAD_PROFILE:-0}" = 1 ] && prof=(--profile-dir "$OUT/offload_profile")
+  if [ -n "${FA_CONTEXTS-131072,262144}" ]; then
+    python3 benchmarks/offload.py --shape "$shape" --decode-tokens 48 --chunk "${OFFLOAD_CHUNK:-32768}" \
+      --backend-contexts "FLASH_ATTN=${FA_CONTEXTS:-131072,262144}" --timeout "${FA_TIMEOUT:-170}" \
+      --gpu-memory-utilization 0.85 --workdir "$OUT/offload" "${prof[@]}" \
+      --out "$OUT/offload_fa.json" >"$OUT/offload_fa.log" 2>&1
+  fi
+  python3 benchmarks/offload.py --shape "$shape" --decode-tokens 48 --chunk "${OFFLOAD_CHUNK:-32768}" \
     --backend-contexts "INFINITEHIP=${HIP_CONTEXTS:-131072,1048576}" --timeout "$(left 20)" \
-    --gpu-memory-utilization 0.85 --workdir "$OUT/offload" \
+    --gpu-cache-tokens "${GPU_CACHE_TOKENS:-16384}" ${HIP_OPTIONS:+--infinitehip "$HIP_OPTIONS"} \
+    --gpu-memory-utilization 0.85 --workdir "$OUT/offload" "${prof[@]}" \
     --out "$OUT/offload_hip.json" >"$OUT/offload_hip.log" 2>&1
+  grep -v "^INFO\|^(EngineCore\|DEBUG\|^WARNING\|^\[W" "$OUT"/offload_*.log | tail -30
+  for f in "$OUT"/offload_profile/*_kernels.txt; do [ -f "$f" ] && { echo "== $f"; sed -n 1,30p "$f" | cut -c1-200; }; done
+  for f in "$OUT"/offload_profile/*_cprofile.txt; do [ -f "$f" ] && { echo "== $f"; sed -n 1,40p "$f" | cut -c1-180; }; done
+  [ -n "${fpid:-}" ] && wait "$fpid" && tail -25 "$OUT/fault.log"
   ;;
 load)
   stamp "start: load test"

@@ -120,12 +120,24 @@ def worker(args) -> int:
         start = time.perf_counter()
         stamps: list[float] = []
         base = None
+        profiled = None
+        last_note = start
         try:
             engine.add_request(f"r{i}", {"prompt_token_ids": ids}, sp)
+            step = 0
             while engine.has_unfinished_requests():
+                if args.profile_dir and len(stamps) == args.profile_after and profiled is None:
+                    profiled = _profile_steps(engine, args, n, stamps)
+                    continue
                 for out in engine.step():
                     for _ in out.outputs[0].token_ids:
                         stamps.append(time.perf_counter())
+                step += 1
+                now = time.perf_counter()
+                if not stamps and now - last_note > 20:  # a long prefill shows it is moving
+                    print(f"[{args.backend}] {n} tokens: prefill step {step}, {now - start:.0f} s",
+                          flush=True)
+                    last_note = now
                 if len(stamps) >= 2 and base is None:
                     base = st.totals()  # counters from the second decode step on
             err = None
@@ -136,9 +148,12 @@ def worker(args) -> int:
                    peak_torch_bytes=torch.cuda.max_memory_allocated())
         if len(stamps) >= 3:
             rec["prefill_s"] = stamps[0] - start
-            steady = stamps[1:]
+            # Steady decode: after the first token, and not across the profiled steps.
+            steady = stamps[1:] if profiled is None else stamps[args.profile_after:]
             rec["decode_tokens_per_s"] = (len(steady) - 1) / (steady[-1] - steady[0])
-            rec["decode_tokens"] = len(stamps)
+            rec["decode_tokens"] = len(steady)
+        if profiled:
+            rec.update(profiled)
         if base is not None:
             end = st.totals()
             d = {k: end[k] - base[k] for k in ("attn_cache_queries", "attn_cache_hits",
@@ -149,12 +164,64 @@ def worker(args) -> int:
             rec["gpu_cache_capacity_blocks"] = end["gpu_cache_capacity_blocks"]
         rec["dense_kv_bytes"] = n * per_tok
         if args.backend == "INFINITEHIP":
-            rec["kv_gpu_bytes"] = st.gpu_cache_bytes
+            # page caches of every layer + the prefill staging buffer (offload_prefill_staging)
+            rec["kv_gpu_bytes"] = st.totals()["gpu_cache_bytes"]
         _emit(args, rec)
         print(f"[{args.backend}] {n:>8} tokens: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
             if k != "context"), flush=True)
     return 0
+
+
+def _profile_steps(engine, args, context: int, stamps: list[float]) -> dict:
+    """``--profile-steps`` decode steps under torch.profiler and cProfile (one pass: the Python
+    profile inflates host time, so the step time here is not the reported throughput). Writes
+    ``<backend>_<context>_kernels.txt`` and ``..._cprofile.txt``; returns the GPU busy time per
+    step and the kernels per step."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    prof = cProfile.Profile()
+    steps = 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as tp:
+        prof.enable()
+        while steps < args.profile_steps and engine.has_unfinished_requests():
+            for out in engine.step():
+                for _ in out.outputs[0].token_ids:
+                    stamps.append(time.perf_counter())
+            steps += 1
+        torch.cuda.synchronize()
+        prof.disable()
+    wall = time.perf_counter() - t0
+    ka = tp.key_averages()
+    kernels = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA]
+    dev_us = sum(e.self_device_time_total for e in kernels)
+    got = dict(profiled_decode_steps=steps, profiled_step_ms=1e3 * wall / max(steps, 1),
+               gpu_time_per_step_ms=dev_us / 1e3 / max(steps, 1),
+               kernels_per_step=sum(e.count for e in kernels) / max(steps, 1))
+    os.makedirs(args.profile_dir, exist_ok=True)
+    stem = os.path.join(args.profile_dir, f"{args.backend}_{context}")
+    with open(stem + "_kernels.txt", "w") as f:
+        f.write(f"{steps} decode steps at {context} tokens; GPU busy {got['gpu_time_per_step_ms']:.2f} ms, "
+                f"{got['kernels_per_step']:.0f} kernels, wall {got['profiled_step_ms']:.2f} ms per step "
+                "(under both profilers)\n")
+        f.write("==== by device time\n" + ka.table(sort_by="self_device_time_total", row_limit=40))
+        f.write("\n==== by CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40))
+    s = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        s.write(f"==== by {key}\n")
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(45)
+    with open(stem + "_cprofile.txt", "w") as f:
+        f.write(s.getvalue())
+    print(f"[{args.backend}] {context} tokens: profiled {steps} steps: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in got.items()), flush=True)
+    return got
 
 
 def _emit(args, rec: dict) -> None:
@@ -231,14 +298,19 @@ def main(argv=None) -> int:
                     help="BACKEND=N1,N2,... (repeat per backend; backends run one after another)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--kv-cache-dtype", default="fp8")
-    ap.add_argument("--gpu-cache-tokens", type=int, default=32768,
-                    help="INFINITEHIP offload_gpu_cache_tokens (per layer; room for a prefill chunk's "
-                         "window pages and the decode working set: 3.1%% of the dense KV at 1M tokens)")
+    ap.add_argument("--gpu-cache-tokens", type=int, default=16384,
+                    help="INFINITEHIP offload_gpu_cache_tokens (per layer; room for the decode working "
+                         "set of a few requests: 1.6%% of the dense KV at 1M tokens)")
     ap.add_argument("--infinitehip", default=None, help="more INFINITEHIP options (JSON)")
-    ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
+    ap.add_argument("--chunk", type=int, default=32768, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per backend")
+    ap.add_argument("--profile-dir", default=None,
+                    help="profile --profile-steps decode steps per context (torch.profiler + cProfile) "
+                         "into this folder; those steps are left out of decode tokens/s")
+    ap.add_argument("--profile-steps", type=int, default=16)
+    ap.add_argument("--profile-after", type=int, default=6, help="decode tokens before the profiled steps")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
@@ -282,6 +354,9 @@ def main(argv=None) -> int:
             child += ["--infinitehip", args.infinitehip]
         if args.enforce_eager:
             child.append("--enforce-eager")
+        if args.profile_dir:
+            child += ["--profile-dir", args.profile_dir, "--profile-steps", str(args.profile_steps),
+                      "--profile-after", str(args.profile_after)]
         env = dict(os.environ, VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
         try:
             rc = subprocess.run(child, env=env, timeout=args.timeout).returncode

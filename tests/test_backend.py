@@ -34,6 +34,7 @@ from vllm_hip.config import InfiniteHipConfig  # noqa: E402
 from vllm_hip import prefill_lens  # noqa: E402
 from vllm_hip import stats as hip_stats  # noqa: E402
 from vllm_hip.masks import RowTracker  # noqa: E402
+from vllm_hip.prefill_staging import release_buffers  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PAGE = 16
@@ -574,6 +575,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
 
     shared_counters(DEV).zero_()  # process-wide: other tests' layers add to it too
     hip_stats.reset_stats()
+    release_buffers()
     for name, c in (("plain", base), ("offload", cfg)):
         batch = PagedBatch([L + steps for L in lens0], hq, hkv, d, torch.float32, seed=11, num_pages=120)
         impl = make_impl(c, hq, hkv, d)
@@ -601,7 +603,9 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
             assert 0 < hits < rows and h2d > 0
             assert mask_rows > 0 and 0 <= mask_hits <= mask_rows  # pruning reads through it too
             assert occupied <= pc.capacity == cache_tokens // PAGE
-            assert hip_stats.get_stats().gpu_cache_bytes == pc.nbytes  # the KV held on the GPU
+            # The KV held on the GPU: the page cache and the prefill step's staging buffer.
+            staging = batch.kv_cache.numel() * batch.kv_cache.element_size()
+            assert hip_stats.get_stats().gpu_cache_bytes == pc.nbytes + staging
             # Cached pages equal host memory (write-through kept them current).
             for page, slot in pc.resident_pages().items():
                 assert torch.equal(pc.kv[slot], batch.kv_cache[page])
@@ -615,7 +619,8 @@ def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
     the step's attention already hits, and those pages are resident and current afterwards."""
     from vllm_hip.page_cache import shared_counters
 
-    cfg = replace(small_sparse_config(), offload=True, offload_gpu_cache_tokens=4096)
+    cfg = replace(small_sparse_config(), offload=True, offload_gpu_cache_tokens=4096,
+                  offload_prefill_staging=False)
     hq, hkv, d = 4, 2, 64
     lens = [600, 300]
     layer = FakeLayer(3)
@@ -641,6 +646,55 @@ def test_offload_prefill_reads_its_windows_from_the_gpu_cache():
     ref, _, cnt = reference_forward(cfg, batch, md, q, d, layer_idx=3)
     assert int(cnt.max()) > 0  # the sparse path ran
     assert (out.float() - ref).abs().max().item() < 2e-3
+
+
+def test_offload_prefill_staging_reads_a_gpu_copy_of_the_steps_pages():
+    """offload_prefill_staging (default): a prefill step copies every page its rows read into
+    the shared GPU buffer and attends there: the outputs equal the plain path's, nothing is read
+    through the page cache, the buffer holds those pages as host memory has them (new tokens
+    included), and the copy is counted in h2d bytes."""
+    from vllm_hip.page_cache import shared_counters
+    from vllm_hip.prefill_staging import PrefillStaging, step_pages
+
+    base = small_sparse_config()
+    cfg = replace(base, offload=True, offload_gpu_cache_tokens=4096)
+    hq, hkv, d = 4, 2, 64
+    lens = [600, 300]
+    layer = FakeLayer(3)
+    outs = []
+    for c in (base, cfg):
+        batch = PagedBatch(lens, hq, hkv, d, torch.float32, seed=5, num_pages=120)
+        impl = make_impl(c, hq, hkv, d)
+        shared_counters(DEV).zero_()
+        hip_stats.reset_stats()
+        release_buffers()
+        for i, L in enumerate(lens):
+            batch.prefill_context(i, L - 100, layer)
+        md, q, k, v = batch.step(c, [(0, lens[0] - 100, lens[0]), (1, lens[1] - 100, lens[1])],
+                                 step_id=1)
+        outs.append(run_impl(impl, layer, batch, md, q, k, v))
+    pc = impl._page_cache
+    assert pc.counters.tolist()[:2] == [0, 0]  # no key row read through the page cache
+    staging, made = PrefillStaging.for_cache(batch.kv_cache)
+    assert not made  # the step made it
+    pages = step_pages(md.block_table, torch.tensor(lens), PAGE).tolist()
+    assert len(pages) == sum(-(-L // PAGE) for L in lens)
+    assert pages[: -(-lens[0] // PAGE)] == batch.block_table[0, : -(-lens[0] // PAGE)].tolist()
+    for page in pages:
+        assert torch.equal(staging.buffer[page], batch.kv_cache[page])
+    st = hip_stats.get_stats()
+    assert st.h2d_copy_bytes == len(pages) * staging.page_bytes
+    assert st.gpu_cache_bytes == pc.nbytes + staging.nbytes
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
+def test_step_pages_lists_each_rows_pages_up_to_its_length():
+    from vllm_hip.prefill_staging import step_pages
+
+    table = torch.tensor([[5, 9, 2, 7], [3, 1, 8, 0], [4, 6, 0, 0]], dtype=torch.int32, device=DEV)
+    got = step_pages(table, torch.tensor([17, 16, 0]), 8).tolist()
+    assert got == [5, 9, 2, 3, 1]
+    assert step_pages(table, torch.tensor([0, 0, 0]), 8).numel() == 0
 
 
 PROMPT = 500  # tokens of the chunked-prefill tests' prompt (pruned: more than sink + window + k)

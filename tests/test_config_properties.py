@@ -121,6 +121,7 @@ def valid_options(draw, selection: bool | None = None) -> dict:
         "decode_splits": draw(st.integers(0, 256)),
         "offload": offload,
         "offload_gpu_cache_tokens": cache,
+        "offload_prefill_staging": draw(st.booleans()),
     }
 
 
@@ -225,7 +226,8 @@ def one_bad_field(draw):
         choices = ["preset", "refresh", "sink_tokens", "window_tokens", "selected_tokens",
                    "early_selected_tokens", "early_layers", "decode_splits", "block_size_q",
                    "block_size_k", "rope_mode", "rope_cache", "score_norm", "allow_long_context", "export_metrics", "offload",
-                   "split_last_query", "align_prefill_chunks", "offload_gpu_cache_tokens", "unknown",
+                   "split_last_query", "align_prefill_chunks", "offload_prefill_staging",
+                   "offload_gpu_cache_tokens", "unknown",
                    "stages"]  # fmt: skip
     kind = draw(st.sampled_from(choices))
     simple = {
@@ -247,6 +249,7 @@ def one_bad_field(draw):
         "offload": NOT_BOOL,
         "split_last_query": NOT_BOOL,
         "align_prefill_chunks": NOT_BOOL,
+        "offload_prefill_staging": NOT_BOOL,
     }
     if kind in simple:
         value = draw(simple[kind])
@@ -400,6 +403,7 @@ FIELD_VALUES = {
     "offload": (st.booleans(), NOT_BOOL),
     "split_last_query": (st.booleans(), NOT_BOOL),
     "align_prefill_chunks": (st.booleans(), NOT_BOOL),
+    "offload_prefill_staging": (st.booleans(), NOT_BOOL),
     "offload_gpu_cache_tokens": (GOOD_TOKENS, BAD_TOKENS),
     "stages": (
         st.lists(STAGE, max_size=4).map(lambda l: sorted(l, key=lambda s: -s["chunk_size"])),

@@ -56,13 +56,27 @@ def copy_pages(
     if dst.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         copy_pages_reference(src, dst, src_idx, dst_idx)
         return
-    page_elems = src[0].numel()
-    as_int = _INT_OF_SIZE[src.element_size()]
-    s, d = src.view(as_int), dst.view(as_int)
+    s, d = _widest_views(src, dst)
+    page_elems = s[0].numel()
     grid = (n, -(-page_elems // _BLOCK))
     _copy_pages_kernel[grid](
         s, d, src_idx, dst_idx, s.stride(0), d.stride(0), page_elems, BLOCK=_BLOCK
     )
+
+
+def _widest_views(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors viewed as the widest integer type their pages allow (up to 8 bytes): an
+    fp8 page moved as int64 takes 8x fewer loads, which matters when the source is host memory
+    read across PCIe."""
+    size = src.element_size()
+    for wide in (8, 4, 2):
+        if wide <= size or src.shape[-1] * size % wide:
+            continue
+        try:
+            return src.view(_INT_OF_SIZE[wide]), dst.view(_INT_OF_SIZE[wide])
+        except RuntimeError:  # a storage offset or stride that the wider type cannot express
+            continue
+    return src.view(_INT_OF_SIZE[size]), dst.view(_INT_OF_SIZE[size])
 
 
 def copy_pages_reference(

@@ -99,6 +99,11 @@ class InfiniteHipMetadata:
     prefill_window_pages: torch.Tensor | None = None
     """Offload: sink and window pages of the prefill rows' query blocks (filled by the first
     layer; the same for all)."""
+    seq_lens_cpu: torch.Tensor | None = None
+    """[num_reqs] int64 on the host."""
+    staged_pages: torch.Tensor | None = None
+    """Offload, prefill steps: every page the step's rows read (``prefill_staging.step_pages``;
+    filled by the first layer)."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
     flash: Any = None
@@ -229,6 +234,7 @@ def build_metadata(
         src_row=src_row,
         step_id=step_id,
         mask_store=mask_store,
+        seq_lens_cpu=seq_lens_cpu.long(),
     )
 
 
@@ -460,6 +466,21 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             )
         pc.admit(md.prefill_window_pages)
 
+    def _stage_pages(self, kv_cache: torch.Tensor, md: InfiniteHipMetadata) -> torch.Tensor:
+        """This layer's pages of the step's rows in the shared GPU staging buffer
+        (``vllm_hip.prefill_staging``); counted as host-to-GPU copy bytes."""
+        from vllm_hip.prefill_staging import PrefillStaging, step_pages
+
+        staging, made = PrefillStaging.for_cache(kv_cache)
+        st = hip_stats.get_stats()
+        if made:
+            st.gpu_cache_bytes += staging.nbytes
+        if md.staged_pages is None:
+            lens = md.seq_lens_cpu if md.seq_lens_cpu is not None else md.seq_lens.cpu()
+            md.staged_pages = step_pages(md.block_table, lens, int(kv_cache.shape[2]))
+        st.record_h2d(int(md.staged_pages.numel()) * staging.page_bytes)
+        return staging.fill(kv_cache, md.staged_pages)
+
     def _key_pages(self, page_size: int, md: InfiniteHipMetadata, idx: torch.Tensor,
                    sel: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
         """The sink, window and selected pages (``sel``/``cnt``: of these blocks only) of the
@@ -547,15 +568,23 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         pc = self._offload_page_cache(kv_cache)
         cached = None
         if pc is not None:
-            if not bool(md.is_decode_row.all()):
-                self._admit_prefill_windows(pc, md)
             ck, cv = pc.kv.unbind(1)
             if fp8:
                 ck, cv = ck.view(torch.float8_e4m3fn), cv.view(torch.float8_e4m3fn)
             # Write-through: cached pages that receive new tokens stay equal to host memory.
             cache_slots = pc.cache_slot_mapping(md.slot_mapping)
             write_kv_cache(k, v, ck, cv, cache_slots, self.kv_cache_dtype, layer)
-            cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
+            prefill = not bool(md.is_decode_row.all())
+            if prefill and self.hip_config.offload_prefill_staging:
+                # The step's pages, copied to the GPU in bulk: the kernels read them there.
+                key_cache, value_cache = self._stage_pages(kv_cache, md).unbind(1)
+                if fp8:
+                    key_cache = key_cache.view(torch.float8_e4m3fn)
+                    value_cache = value_cache.view(torch.float8_e4m3fn)
+            else:
+                if prefill:
+                    self._admit_prefill_windows(pc, md)
+                cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
 
         sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached, rotated)
         from vllm_hip_kernels import sparse_attention as sa

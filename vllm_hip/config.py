@@ -229,6 +229,13 @@ class InfiniteHipConfig:
     """Tokens per layer held in the GPU cache when ``offload`` is on. Must hold at least
     sink + window + the largest k."""
 
+    offload_prefill_staging: bool = True
+    """With ``offload``: on a step with prefill rows, copy each layer's KV pages of the step's
+    requests into one GPU buffer (shared by the layers; as large as one layer's KV cache, e.g.
+    2 GiB for 1M tokens of Llama-3.1-8B in fp8) and attend there. Every query block of a chunk
+    samples keys of every chunk before it (stage 1), which read across PCIe costs far more
+    than one bulk copy per layer. Off: prefill reads host memory through the page cache."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -324,7 +331,7 @@ class InfiniteHipConfig:
         _check_choice("rope_cache", self.rope_cache, ("rotated", "unrotated"))
         _check_choice("score_norm", self.score_norm, ("head_max", "none"))
         for name in ("allow_long_context", "export_metrics", "offload", "split_last_query",
-                     "align_prefill_chunks"):
+                     "align_prefill_chunks", "offload_prefill_staging"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"infinitehip.{name}={getattr(self, name)!r} is invalid: must be true or false"
