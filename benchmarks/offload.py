@@ -146,10 +146,12 @@ def worker(args) -> int:
             engine.abort_request([f"r{i}"]) if hasattr(engine, "abort_request") else None
         rec = dict(context=n, startup_s=startup, error=err,
                    peak_torch_bytes=torch.cuda.max_memory_allocated())
-        if len(stamps) >= 3:
+        if stamps:
             rec["prefill_s"] = stamps[0] - start
-            # Steady decode: after the first token, and not across the profiled steps.
-            steady = stamps[1:] if profiled is None else stamps[args.profile_after:]
+        # Steady decode: after the first token, and after the profiled steps (the profilers
+        # slow those down and their tables take seconds to write).
+        steady = stamps[1:] if profiled is None else stamps[profiled.pop("resume_at"):]
+        if len(steady) >= 3:
             rec["decode_tokens_per_s"] = (len(steady) - 1) / (steady[-1] - steady[0])
             rec["decode_tokens"] = len(steady)
         if profiled:
@@ -221,6 +223,7 @@ def _profile_steps(engine, args, context: int, stamps: list[float]) -> dict:
         f.write(s.getvalue())
     print(f"[{args.backend}] {context} tokens: profiled {steps} steps: " + ", ".join(
         f"{k}={v:.4g}" for k, v in got.items()), flush=True)
+    got["resume_at"] = len(stamps) + 1  # the first step after this one is not timed from here
     return got
 
 
@@ -246,8 +249,13 @@ def records_from(backend: str, lines: list[dict], device: str, command: str, sha
             continue
         if "prefill_s" in r:
             rec("prefill_s", n, r["prefill_s"], "s")
+        if "decode_tokens_per_s" in r:
             rec("decode_tokens_per_s", n, r["decode_tokens_per_s"], "tokens/s",
                 decode_tokens=r["decode_tokens"])
+        if "gpu_time_per_step_ms" in r:
+            rec("decode_step_gpu_ms", n, r["gpu_time_per_step_ms"], "ms",
+                kernels_per_step=r["kernels_per_step"], profiled_steps=r["profiled_decode_steps"],
+                note="torch.profiler: the GPU's busy time per decode step (the rest of a step is host)")
         if r.get("attn_cache_queries"):
             rec("cache_hit_rate", n, r["attn_cache_hits"] / r["attn_cache_queries"], "fraction",
                 cache="attention (GPU page cache, key rows)", queries=r["attn_cache_queries"])

@@ -167,6 +167,12 @@ def main() -> int:
     src = torch.zeros(6, 2, 16, 3, 64, dtype=torch.bfloat16)
     idx = torch.tensor([0, 2], dtype=torch.int32)
     page_copy.copy_pages(src, torch.zeros_like(src), idx, idx)
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):  # the offload cache's other copies
+        whole = torch.zeros(2, 6, 2, 16, 3, 64).to(dtype)
+        stack = torch.zeros(2, 4, 2, 16, 3, 64).to(dtype)
+        off = torch.tensor(page_copy.layer_offsets(whole[0], [whole[0], whole[1]]))
+        page_copy.copy_layer_pages(whole[0], off, stack, torch.tensor([1]), idx[None], idx[None])
+        page_copy.mirror_rows(whole[0], stack[0], torch.full((7,), -1, dtype=torch.int32), idx)
     print(f"{len(SEEN)} kernel variants compiled for sm_90, {len(FAILED)} failed")
     for f in FAILED:
         print("FAILED:", f)

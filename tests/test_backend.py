@@ -34,6 +34,7 @@ from vllm_hip.config import InfiniteHipConfig  # noqa: E402
 from vllm_hip import prefill_lens  # noqa: E402
 from vllm_hip import stats as hip_stats  # noqa: E402
 from vllm_hip.masks import RowTracker  # noqa: E402
+from vllm_hip.page_cache import PageCacheStack  # noqa: E402
 from vllm_hip.prefill_staging import release_buffers  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -576,6 +577,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
     shared_counters(DEV).zero_()  # process-wide: other tests' layers add to it too
     hip_stats.reset_stats()
     release_buffers()
+    PageCacheStack.release_shared()
     for name, c in (("plain", base), ("offload", cfg)):
         batch = PagedBatch([L + steps for L in lens0], hq, hkv, d, torch.float32, seed=11, num_pages=120)
         impl = make_impl(c, hq, hkv, d)
@@ -592,6 +594,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
             tick = impl._page_cache._tick if impl._page_cache is not None else 0
             got.append(run_impl(impl, layer, batch, md, q, k, v))
             if impl._page_cache is not None:
+                # one layer: its stack admits at the end of the layer's step
                 admitted.append((impl._reused_all, impl._page_cache._tick > tick))
         outs[name] = got
         if name == "offload":

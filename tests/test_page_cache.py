@@ -15,10 +15,26 @@ if DEV == "cpu":
 
 from test_sparse_attention import POISON, check_against_reference, make_case  # noqa: E402
 
-from vllm_hip_kernels.page_copy import copy_pages, copy_pages_reference  # noqa: E402
+from vllm_hip_kernels.page_copy import (  # noqa: E402
+    copy_layer_pages,
+    copy_layer_pages_reference,
+    copy_pages,
+    copy_pages_reference,
+    layer_offsets,
+    mirror_rows,
+    mirror_rows_reference,
+)
 from vllm_hip_kernels.cached_pages import COUNTER_SLOTS, CachedPages  # noqa: E402
 from vllm_hip_kernels.sparse_attention import sparse_attention  # noqa: E402
-from vllm_hip.page_cache import COUNTER_NAMES, DevicePageCache, key_list_pages, new_counters  # noqa: E402
+from vllm_hip.page_cache import (  # noqa: E402
+    COUNTER_NAMES,
+    DecodePages,
+    DevicePageCache,
+    PageCacheStack,
+    StepKeyPages,
+    key_list_pages,
+    new_counters,
+)
 from vllm_hip.stats import HipStats  # noqa: E402
 
 
@@ -156,6 +172,110 @@ def test_key_list_pages_cover_sink_selection_and_window():
     assert sorted(p for p in got[0].tolist() if p >= 0) == [5, 7, 8, 10, 11, 12]
     # row 1: sink -> 20; selected 8 -> page 1 -> 21; window [14, 30) -> pages 1..3 -> 21, 22, 23
     assert sorted(p for p in got[1].tolist() if p >= 0) == [20, 21, 21, 22, 23]
+
+
+def test_step_key_pages_add_each_layers_selection_as_key_list_pages_does():
+    page = 8
+    bt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 0, 0, 0, 0]], dtype=torch.int32, device=DEV)
+    seq_lens = torch.tensor([61, 30], dtype=torch.int32, device=DEV)
+    block_seq = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    w0 = torch.tensor([40, 14], dtype=torch.int32, device=DEV)
+    sels = [torch.tensor([[16, 24, 32], [8, -1, -1]], dtype=torch.int32, device=DEV),
+            torch.tensor([[8, 32, -1], [-1, -1, -1]], dtype=torch.int32, device=DEV)]
+    cnts = [torch.tensor([2, 1], dtype=torch.int32, device=DEV), torch.tensor([2, 0], dtype=torch.int32, device=DEV)]
+    kw = dict(sink_tokens=4, page_size=page, max_window_pages=4)
+    step = StepKeyPages(bt, seq_lens, block_seq, w0, **kw)
+    got = step.pages_of(torch.stack(sels), torch.stack(cnts)).cpu()
+    for g in range(2):
+        want = key_list_pages(bt, seq_lens, block_seq, w0, sels[g], cnts[g], **kw).cpu()
+        assert sorted(got[g].tolist()) == sorted(want.tolist())
+
+
+# ------------------------------------------------------------------ several layers in one stack
+def _layers(num_layers, num_pages, dtype=torch.float32, seed=0):
+    """Layer caches as the offload worker makes them: views of one allocation."""
+    g = torch.Generator().manual_seed(seed)
+    whole = torch.randn(num_layers, num_pages, 2, 4, 2, 8, generator=g).to(dtype).to(DEV)
+    return whole, [whole[i] for i in range(num_layers)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_copy_layer_pages_copies_each_rows_layer(dtype):
+    whole, mains = _layers(3, 10, dtype)
+    dst = torch.zeros(3, 5, *mains[0].shape[1:], dtype=dtype, device=DEV)
+    want = dst.clone()
+    off = torch.tensor(layer_offsets(mains[0], mains), device=DEV)
+    layer = torch.tensor([2, 0], device=DEV)
+    src_idx = torch.tensor([[4, -1, 9], [1, 7, -1]], device=DEV)
+    dst_idx = torch.tensor([[0, 1, 3], [4, 2, 0]], device=DEV)
+    copy_layer_pages(mains[0], off, dst, layer, src_idx, dst_idx)
+    copy_layer_pages_reference(mains[0], off, want, layer, src_idx, dst_idx)
+    u8 = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(u8(dst), u8(want))
+    assert torch.equal(u8(dst[2, 0]), u8(whole[2, 4])) and torch.equal(u8(dst[2, 3]), u8(whole[2, 9]))
+    assert torch.equal(u8(dst[0, 4]), u8(whole[0, 1])) and torch.equal(u8(dst[0, 2]), u8(whole[0, 7]))
+    assert (dst[1].float() == 0).all() and (dst[2, 1].float() == 0).all()  # untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_mirror_rows_copies_new_rows_of_cached_pages_only(dtype):
+    g = torch.Generator().manual_seed(1)
+    main = torch.randn(6, 2, 4, 2, 8, generator=g).to(dtype).to(DEV)
+    cache = torch.zeros(3, 2, 4, 2, 8, dtype=dtype, device=DEV)
+    slot_of_page = torch.tensor([-1, 2, -1, 0, -1, -1, -1], dtype=torch.int32, device=DEV)
+    slot_mapping = torch.tensor([1 * 4 + 3, -1, 2 * 4, 3 * 4 + 1, 3 * 4 + 2], device=DEV)
+    want = cache.clone()
+    mirror_rows(main, cache, slot_of_page, slot_mapping)
+    mirror_rows_reference(main, want, slot_of_page, slot_mapping)
+    u8 = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(u8(cache), u8(want))
+    assert torch.equal(u8(cache[2, :, 3]), u8(main[1, :, 3]))  # key and value rows
+    assert torch.equal(u8(cache[0, :, 1:3]), u8(main[3, :, 1:3]))
+    written = torch.zeros(3, 4, dtype=torch.bool)
+    written[2, 3] = written[0, 1] = written[0, 2] = True
+    assert (cache.float().abs().sum((1, 3, 4)).cpu()[~written] == 0).all()  # nothing else
+
+
+def test_stacked_admission_equals_one_cache_per_layer():
+    """Admissions of several layers in one batch leave each layer as its own cache would."""
+    _, mains = _layers(3, 40)
+    stack = PageCacheStack(mains[0], 6, layers=2)  # grows past the hint
+    handles = [stack.layer_cache(m) for m in mains]
+    alone = [DevicePageCache(m, capacity=6) for m in mains]
+    rng = random.Random(3)
+    for _ in range(12):
+        rows = [[rng.randrange(40) if rng.random() < 0.7 else -1 for _ in range(5)] for _ in range(3)]
+        layers = sorted(rng.sample(range(3), rng.randint(1, 3)))
+        stack.admit(layers, torch.tensor([rows[i] for i in layers], device=DEV))
+        for i in layers:
+            alone[i].admit(torch.tensor(rows[i], device=DEV))
+        for h, a in zip(handles, alone):
+            assert set(h.resident_pages()) == set(a.resident_pages())
+            for page, slot in h.resident_pages().items():
+                assert torch.equal(h.kv[slot], h.main[page])
+
+
+def test_end_layer_admits_once_every_layer_reported():
+    _, mains = _layers(2, 30)
+    stack = PageCacheStack(mains[0], 8, layers=2)
+    h0, h1 = (stack.layer_cache(m) for m in mains)
+    bt = torch.arange(30, dtype=torch.int32, device=DEV)[None]
+    lens = torch.tensor([30], dtype=torch.int32, device=DEV)
+    common = StepKeyPages(bt, lens, torch.zeros(1, dtype=torch.int32, device=DEV),
+                          torch.tensor([24], dtype=torch.int32, device=DEV),
+                          sink_tokens=4, page_size=4, max_window_pages=3)  # fmt: skip
+    sel = torch.tensor([[8, 16]], dtype=torch.int32, device=DEV)
+    cnt = torch.tensor([2], dtype=torch.int32, device=DEV)
+    step = object()
+    stack.end_layer(step, 0, DecodePages(common, sel, cnt))
+    assert stack._tick == 0 and not h0.resident_pages()  # deferred
+    stack.end_layer(step, 1, None)  # the last layer: layer 0's pages come in now
+    assert stack._tick == 1
+    assert set(h0.resident_pages()) == {0, 2, 4, 6, 7} and not h1.resident_pages()
+    # A step whose layers did not all report is flushed when the next begins.
+    stack.end_layer(step, 1, DecodePages(common, sel + 4, cnt))
+    stack.end_layer(object(), 0, None)
+    assert set(h1.resident_pages()) == {0, 3, 5, 6, 7}
 
 
 # ------------------------------------------------------------------ sparse attention through it
@@ -296,7 +416,7 @@ def test_shared_counters_are_one_tensor_per_gpu_however_it_is_named():
 def test_fills_on_the_cpu_are_not_timed():
     pc = DevicePageCache(torch.randn(8, 2, 4, 1, 8), capacity=2)
     pc.admit(torch.tensor([3, 5]))
-    assert pc.copy_seconds == 0.0 and not pc._pending and pc.collect_copy_seconds() == 0.0
+    assert pc.copy_seconds == 0.0 and not pc.stack._timings and pc.collect_copy_seconds() == 0.0
 
 
 @pytest.mark.gpu
@@ -309,5 +429,5 @@ def test_fills_are_timed_with_events_into_h2d_seconds():
     pc.admit(torch.arange(32, device="cuda"))
     torch.cuda.synchronize()
     pc.collect_copy_seconds()  # the admit itself may already have collected it
-    assert pc.copy_seconds > 0 and not pc._pending
+    assert pc.copy_seconds > 0 and not pc.stack._timings
     assert stats.get_stats().h2d_seconds >= before + pc.copy_seconds * (1 - 1e-9)

@@ -42,7 +42,14 @@ from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.flash_delegate import FlashDelegate, flash_forward
 from vllm_hip.launch_options import invariant_launch_options
 from vllm_hip.masks import LayerMaskCache, MaskStore, RefreshPlan, RowTracker, plan_refresh, subset_blocks
-from vllm_hip.page_cache import DevicePageCache, key_list_pages, shared_counters
+from vllm_hip.page_cache import (
+    DecodePages,
+    DevicePageCache,
+    PageCacheStack,
+    StepKeyPages,
+    key_list_pages,
+    shared_counters,
+)
 
 logger = logging.getLogger("vllm_hip")
 
@@ -96,6 +103,8 @@ class InfiniteHipMetadata:
     ``InfiniteHipImpl._launch_classes``)."""
     decode_blocks: torch.Tensor | None = None
     """Offload: device indices of the query blocks of decode rows (filled by the first layer)."""
+    decode_key_pages: Any = None
+    """Offload: their sink and window pages (``page_cache.StepKeyPages``, with decode_blocks)."""
     prefill_window_pages: torch.Tensor | None = None
     """Offload: sink and window pages of the prefill rows' query blocks (filled by the first
     layer; the same for all)."""
@@ -433,23 +442,37 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         if pc is None or pc.main.data_ptr() != kv_cache.data_ptr():
             page_size = int(kv_cache.shape[2])
             capacity = max(1, self.hip_config.offload_gpu_cache_tokens // page_size)
-            pc = DevicePageCache(kv_cache, capacity, shared_counters(kv_cache.device))
+            layers = int(getattr(self._hf_config, "num_hidden_layers", 0) or 1)
+            stack = PageCacheStack.shared(kv_cache, capacity, shared_counters(kv_cache.device), layers)
+            pc = stack.layer_cache(kv_cache)
             st = hip_stats.get_stats()
             st.gpu_cache_capacity_blocks += capacity
             st.gpu_cache_bytes += pc.nbytes
             self._page_cache = pc
         return pc
 
-    def _admit_decode_pages(
+    def _decode_pages(
         self, pc: DevicePageCache, md: InfiniteHipMetadata, sel: torch.Tensor, cnt: torch.Tensor
-    ) -> None:
-        """Bring the pages the decode rows just read into the GPU cache (LRU). A prefill row's
-        selected blocks are read once per query block and would only flush it."""
+    ) -> DecodePages | None:
+        """What the decode rows just read, for the GPU cache to admit (LRU; the stack admits
+        every layer's at the end of the step). A prefill row's selected blocks are read once per
+        query block and would only flush it."""
         if md.decode_blocks is None:
             md.decode_blocks = _blocks_of_rows(md, decode=True)
+            cfg = self.hip_config
+            idx = md.decode_blocks
+            md.decode_key_pages = StepKeyPages(
+                md.block_table, md.seq_lens, md.qblocks.seq[idx], md.qblocks.window_start[idx],
+                sink_tokens=cfg.sink_tokens, page_size=pc.page_size,
+                max_window_pages=(cfg.window_tokens + cfg.block_size_q) // pc.page_size + 2,
+            )  # fmt: skip
         idx = md.decode_blocks
-        if idx.numel():
-            pc.admit(self._key_pages(pc.page_size, md, idx, sel[idx], cnt[idx]))
+        n = int(idx.numel())
+        if n == 0:
+            return None
+        if n == sel.shape[0]:  # every block decodes (a pure decode step): no gather
+            return DecodePages(md.decode_key_pages, sel, cnt)
+        return DecodePages(md.decode_key_pages, sel[idx], cnt[idx])
 
     def _admit_prefill_windows(self, pc: DevicePageCache, md: InfiniteHipMetadata) -> None:
         """Before a prefill step's kernels: bring in the sink and window pages of its prefill
@@ -568,12 +591,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         pc = self._offload_page_cache(kv_cache)
         cached = None
         if pc is not None:
-            ck, cv = pc.kv.unbind(1)
-            if fp8:
-                ck, cv = ck.view(torch.float8_e4m3fn), cv.view(torch.float8_e4m3fn)
             # Write-through: cached pages that receive new tokens stay equal to host memory.
-            cache_slots = pc.cache_slot_mapping(md.slot_mapping)
-            write_kv_cache(k, v, ck, cv, cache_slots, self.kv_cache_dtype, layer)
+            pc.mirror_new_tokens(md.slot_mapping)
             prefill = not bool(md.is_decode_row.all())
             if prefill and self.hip_config.offload_prefill_staging:
                 # The step's pages, copied to the GPU in bulk: the kernels read them there.
@@ -584,6 +603,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             else:
                 if prefill:
                     self._admit_prefill_windows(pc, md)
+                ck, cv = pc.kv.unbind(1)
+                if fp8:
+                    ck, cv = ck.view(torch.float8_e4m3fn), cv.view(torch.float8_e4m3fn)
                 cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
 
         sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached, rotated)
@@ -614,11 +636,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 out=out,  # straight into vLLM's output buffer (no copy)
                 **kind.options,
             )
-        if pc is not None and not self._reused_all:
+        if pc is not None:
             # A step that reused every selection reads the pages admitted when they were made
             # (plus the window's newest tokens, read from host memory until the next refresh):
-            # skipping admission there saves ~70 launches per layer on most decode steps.
-            self._admit_decode_pages(pc, md, sel, sel_count)
+            # it admits nothing.
+            pages = None if self._reused_all else self._decode_pages(pc, md, sel, sel_count)
+            pc.stack.end_layer(md, pc.layer, pages)
         return output
 
     # ------------------------------------------------------------------ selection
