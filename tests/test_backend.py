@@ -691,6 +691,43 @@ def test_offload_prefill_staging_reads_a_gpu_copy_of_the_steps_pages():
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_offload_mixed_step_stages_only_prefill_rows(batch_invariant):
+    """A step with a prefill chunk and a long decode row: only the prefill row's pages are
+    copied to the staging buffer; the decode row's blocks launch apart and read through the page
+    cache (its reads are counted there); the outputs equal those without offload."""
+    from vllm_hip.page_cache import shared_counters
+    from vllm_hip.prefill_staging import PrefillStaging, step_pages
+
+    base = small_sparse_config()
+    cfg = replace(base, offload=True, offload_gpu_cache_tokens=4096)
+    hq, hkv, d = 4, 2, 64
+    lens = [600, 700]
+    spans = [(0, 500, 600), (1, 699, 700)]  # row 0: a prefill chunk; row 1: a decode step
+    layer = FakeLayer(3)
+    outs = []
+    for c in (base, cfg):
+        batch = PagedBatch(lens, hq, hkv, d, torch.float32, seed=6, num_pages=120)
+        impl = make_impl(c, hq, hkv, d)
+        impl.batch_invariant = batch_invariant
+        shared_counters(DEV).zero_()
+        hip_stats.reset_stats()
+        release_buffers()
+        batch.prefill_context(0, 500, layer)
+        batch.prefill_context(1, 699, layer)
+        md, q, k, v = batch.step(c, spans, step_id=1, decode_rows=(1,))
+        outs.append(run_impl(impl, layer, batch, md, q, k, v))
+    assert [kind.staged for kind in md.launch_classes].count(True) >= 1
+    assert [kind.staged for kind in md.launch_classes].count(False) >= 1
+    pc = impl._page_cache
+    hits, misses = pc.counters.tolist()[:2]
+    assert hits + misses > 0  # the decode row read through the page cache
+    staging, _ = PrefillStaging.for_cache(batch.kv_cache)
+    assert md.staged_pages.tolist() == step_pages(md.block_table, torch.tensor([600, 0]), PAGE).tolist()
+    assert hip_stats.get_stats().h2d_copy_bytes >= md.staged_pages.numel() * staging.page_bytes
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
 def test_step_pages_lists_each_rows_pages_up_to_its_length():
     from vllm_hip.prefill_staging import step_pages
 

@@ -405,6 +405,65 @@ def test_device_counters_reach_stats_snapshots():
         st.attach_device_counters(c, ("nope",))
 
 
+def test_per_step_export_reads_device_counters_through_read_nowait():
+    """snapshot_and_reset(wait=False) (the per-step export) takes read_nowait() where the
+    attached object has it; snapshots that wait take tolist()."""
+
+    class Lagging:
+        def __init__(self):
+            self.now, self.copied = [5, 4], [2, 1]
+
+        def tolist(self):
+            return list(self.now)
+
+        def read_nowait(self):
+            return list(self.copied)
+
+        def zero_(self):
+            self.now = self.copied = [0, 0]
+
+    st = HipStats()
+    st.attach_device_counters(Lagging(), ("attn_cache_queries", "attn_cache_hits"))
+    snap = st.snapshot_and_reset(wait=False)
+    assert (snap["attn_cache_queries"], snap["attn_cache_hits"]) == (2, 1)
+    snap = st.snapshot_and_reset()
+    assert (snap["attn_cache_queries"], snap["attn_cache_hits"]) == (3, 3)
+
+
+def test_counter_reader_on_the_host_reads_exactly():
+    from vllm_hip.counter_reader import CounterReader
+
+    c = torch.zeros(3, dtype=torch.int64)
+    r = CounterReader(c)
+    c += 4
+    assert r.read_nowait() == [4, 4, 4] and r.tolist() == [4, 4, 4]
+    r.zero_()
+    assert c.tolist() == [0, 0, 0] and r.read_nowait() == [0, 0, 0]
+    with pytest.raises(ValueError, match="1-d"):
+        CounterReader(torch.zeros(2, 2))
+
+
+@pytest.mark.gpu
+def test_counter_reader_does_not_wait_for_the_gpu():
+    """read_nowait returns the last finished copy (zeros before any), never waits, and never
+    goes backwards after an exact read."""
+    from vllm_hip.counter_reader import CounterReader
+
+    c = torch.zeros(2, dtype=torch.int64, device="cuda")
+    r = CounterReader(c)
+    c += 3
+    assert r.read_nowait() == [0, 0]  # starts the first copy
+    torch.cuda.synchronize()
+    assert r.read_nowait() == [3, 3]  # that copy finished; a new one starts
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: the next copy cannot finish yet
+    c += 1
+    assert r.read_nowait() in ([3, 3], [4, 4])
+    assert r.tolist() == [4, 4]
+    assert r.read_nowait() == [4, 4]
+    r.zero_()
+    assert r.read_nowait() == [0, 0]
+
+
 @pytest.mark.gpu
 def test_shared_counters_are_one_tensor_per_gpu_however_it_is_named():
     # The backend asks with a tensor's device ("cuda:0"), tests and tools often say "cuda".

@@ -111,8 +111,8 @@ class InfiniteHipMetadata:
     seq_lens_cpu: torch.Tensor | None = None
     """[num_reqs] int64 on the host."""
     staged_pages: torch.Tensor | None = None
-    """Offload, prefill steps: every page the step's rows read (``prefill_staging.step_pages``;
-    filled by the first layer)."""
+    """Offload, prefill steps: every page the step's prefill rows read
+    (``prefill_staging.step_pages``; filled by the first layer)."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
     flash: Any = None
@@ -490,8 +490,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         pc.admit(md.prefill_window_pages)
 
     def _stage_pages(self, kv_cache: torch.Tensor, md: InfiniteHipMetadata) -> torch.Tensor:
-        """This layer's pages of the step's rows in the shared GPU staging buffer
-        (``vllm_hip.prefill_staging``); counted as host-to-GPU copy bytes."""
+        """This layer's pages of the step's prefill rows in the shared GPU staging buffer
+        (``vllm_hip.prefill_staging``); counted as host-to-GPU copy bytes. Decode rows are left
+        out: their blocks launch apart and read through the page cache (``launch_classes``)."""
         from vllm_hip.prefill_staging import PrefillStaging, step_pages
 
         staging, made = PrefillStaging.for_cache(kv_cache)
@@ -500,6 +501,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             st.gpu_cache_bytes += staging.nbytes
         if md.staged_pages is None:
             lens = md.seq_lens_cpu if md.seq_lens_cpu is not None else md.seq_lens.cpu()
+            lens = torch.where(md.is_decode_row, 0, lens)
             md.staged_pages = step_pages(md.block_table, lens, int(kv_cache.shape[2]))
         st.record_h2d(int(md.staged_pages.numel()) * staging.page_bytes)
         return staging.fill(kv_cache, md.staged_pages)
@@ -529,10 +531,16 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         tile sizes and split-K counts are fixed per kind of block, and the kinds are launched
         apart: one-query blocks (decode, and a prompt's split-off last query) with decode tiles
         and ``decode_splits`` (8 if 0) partitions, longer blocks with tiles for ``block_size_q``
-        queries and one partition."""
+        queries and one partition. Under offload with prefill staging, a step's prefill rows
+        read a GPU copy of their pages and its decode rows the page cache: their blocks launch
+        apart too."""
         if md.launch_classes is None:
+            cfg = self.hip_config
+            staged_rows = None
+            if cfg.offload and cfg.offload_prefill_staging and not bool(md.is_decode_row.all()):
+                staged_rows = ~md.is_decode_row  # prefill rows; decode rows read the page cache
             md.launch_classes = launch_classes(
-                md.qblocks, md.qblocks_cpu, self.hip_config, self.batch_invariant
+                md.qblocks, md.qblocks_cpu, cfg, self.batch_invariant, staged_rows
             )
         return md.launch_classes
 
@@ -568,11 +576,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             # over): both go back to un-rotated form before they are cached.
             q = unrotate(q, md.positions, *rope)
             k = unrotate(k, md.positions, *rope)
-        key_cache, value_cache = kv_cache.unbind(1)
         fp8 = self.kv_cache_dtype.startswith("fp8")
-        if fp8:
-            key_cache = key_cache.view(torch.float8_e4m3fn)
-            value_cache = value_cache.view(torch.float8_e4m3fn)
+        key_cache, value_cache = (_fp8_view(c, fp8) for c in kv_cache.unbind(1))
         k_scale = float(getattr(layer, "_k_scale_float", 1.0))
         v_scale = float(getattr(layer, "_v_scale_float", 1.0))
         write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
@@ -588,35 +593,34 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 out = output[:n].view(n, self.num_heads, self.head_size)
                 flash_forward(self, layer, q, kv_cache, out, md.flash)
                 return output
+        classes = self._launch_classes(md)
+        # Where each launch class reads keys and values: keyed by _LaunchClass.staged.
+        reads = {False: _KeyReads(key_cache, value_cache, None)}
         pc = self._offload_page_cache(kv_cache)
-        cached = None
         if pc is not None:
             # Write-through: cached pages that receive new tokens stay equal to host memory.
             pc.mirror_new_tokens(md.slot_mapping)
-            prefill = not bool(md.is_decode_row.all())
-            if prefill and self.hip_config.offload_prefill_staging:
-                # The step's pages, copied to the GPU in bulk: the kernels read them there.
-                key_cache, value_cache = self._stage_pages(kv_cache, md).unbind(1)
-                if fp8:
-                    key_cache = key_cache.view(torch.float8_e4m3fn)
-                    value_cache = value_cache.view(torch.float8_e4m3fn)
-            else:
-                if prefill:
+            if any(kind.staged for kind in classes):
+                # The prefill rows' pages, copied to the GPU in bulk: their blocks read them there.
+                sk, sv = self._stage_pages(kv_cache, md).unbind(1)
+                reads[True] = _KeyReads(_fp8_view(sk, fp8), _fp8_view(sv, fp8), None)
+            if not all(kind.staged for kind in classes):
+                if not self.hip_config.offload_prefill_staging and not bool(md.is_decode_row.all()):
                     self._admit_prefill_windows(pc, md)
                 ck, cv = pc.kv.unbind(1)
-                if fp8:
-                    ck, cv = ck.view(torch.float8_e4m3fn), cv.view(torch.float8_e4m3fn)
-                cached = CachedPages(pc.slot_of_page, ck, cv, pc.counters)
+                cached = CachedPages(pc.slot_of_page, _fp8_view(ck, fp8), _fp8_view(cv, fp8), pc.counters)
+                reads[False] = _KeyReads(key_cache, value_cache, cached)
 
-        sel, sel_count = self._select(layer_idx, q, key_cache, md, k_scale, rope, cached, rotated)
+        sel, sel_count = self._select(layer_idx, q, reads, md, k_scale, rope, rotated)
         from vllm_hip_kernels import sparse_attention as sa
 
         out = output[:n].view(n, self.num_heads, self.head_size)
-        for kind in self._launch_classes(md):
+        for kind in classes:
+            r = reads[kind.staged]
             sa.sparse_attention(
                 q,
-                key_cache,
-                value_cache,
+                r.key_cache,
+                r.value_cache,
                 md.block_table,
                 md.seq_lens,
                 kind.blocks,
@@ -632,7 +636,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 sin=rope[1] if rope is not None else None,
                 window_tokens=self.hip_config.window_tokens,
                 keys_rotated=rotated,
-                page_cache=cached,
+                page_cache=r.page_cache,
                 out=out,  # straight into vLLM's output buffer (no copy)
                 **kind.options,
             )
@@ -649,11 +653,10 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         self,
         layer_idx: int,
         q: torch.Tensor,
-        key_cache: torch.Tensor,
+        reads: dict[bool, "_KeyReads"],
         md: InfiniteHipMetadata,
         k_scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        page_cache: CachedPages | None = None,
         keys_rotated: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.hip_config
@@ -693,7 +696,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             sin=rope[1] if rope is not None else None,
             rope_distance=cfg.window_tokens,
             score_norm=cfg.score_norm,
-            page_cache=page_cache,  # offload: mask estimation reads hot pages from the GPU
             keys_rotated=keys_rotated,
         )
         if k_tokens not in md.plans:
@@ -731,9 +733,10 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             if s > 0:
                 starts, count = cache.stage_inputs[s]  # type: ignore[misc]
                 cached = (starts[group.rows], count[group.rows])
+            r = reads[group.staged]  # offload: mask estimation reads hot pages from the GPU
             got_sel, got_cnt, stage_inputs = prune.select_blocks(
-                q, key_cache, md.block_table, md.seq_lens, group.blocks, stages,
-                cached_inputs=cached, first_stage=s, tile_q_len=group.tile_q_len, **common,
+                q, r.key_cache, md.block_table, md.seq_lens, group.blocks, stages, cached_inputs=cached,
+                first_stage=s, tile_q_len=group.tile_q_len, page_cache=r.page_cache, **common,
             )  # fmt: skip
             if whole and got_sel.shape[1] == width:
                 sel, sel_count = got_sel, got_cnt
@@ -807,6 +810,8 @@ class _Group:
     keep_rows: torch.Tensor | None
     tile_q_len: int | None
     """Fixed tile size of the pruning launches (batch-invariant mode), else None."""
+    staged: bool = False
+    """Offload: the blocks read the staging buffer (see ``_LaunchClass.staged``)."""
 
 
 @dataclass(frozen=True)
@@ -842,10 +847,24 @@ class _DevicePlan:
                     blocks=subset_blocks(qb, qb_cpu, idx_cpu), idx=idx, rows=rows_dev[idx],
                     size=int(idx_cpu.numel()), keep=k_dev,
                     keep_rows=rows_dev[idx[k_dev]] if k_dev is not None else None,
-                    tile_q_len=kind.options.get("tile_q_len"),
+                    tile_q_len=kind.options.get("tile_q_len"), staged=kind.staged,
                 )))  # fmt: skip
         reuse_idx = plan.reuse.to(dev, non_blocking=True)
         return cls(groups=groups, reuse_idx=reuse_idx, reuse_rows=rows_dev[reuse_idx])
+
+
+@dataclass(frozen=True)
+class _KeyReads:
+    """Where a launch class's kernels read keys and values: the KV cache (host memory under
+    offload), through ``page_cache`` when given; or the staging buffer."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    page_cache: CachedPages | None
+
+
+def _fp8_view(cache: torch.Tensor, fp8: bool) -> torch.Tensor:
+    return cache.view(torch.float8_e4m3fn) if fp8 else cache
 
 
 @dataclass(frozen=True)
@@ -859,6 +878,8 @@ class _LaunchClass:
     blocks: QueryBlocks
     options: dict[str, int]
     """``num_splits`` and, in batch-invariant mode, ``tile_q_len`` of the launches."""
+    staged: bool = False
+    """Offload: the blocks read the staging buffer (prefill rows), not the page cache."""
 
     def contains(self, idx_cpu: torch.Tensor) -> torch.Tensor:
         """Which of the blocks ``idx_cpu`` (host indices among the step's) belong here."""
@@ -868,20 +889,37 @@ class _LaunchClass:
 
 
 def launch_classes(
-    qb: QueryBlocks, qb_cpu: QueryBlocks, cfg: InfiniteHipConfig, batch_invariant: bool
+    qb: QueryBlocks,
+    qb_cpu: QueryBlocks,
+    cfg: InfiniteHipConfig,
+    batch_invariant: bool,
+    staged_rows: torch.Tensor | None = None,
 ) -> list[_LaunchClass]:
-    """The step's query blocks by kernel launch (see ``InfiniteHipImpl._launch_classes``)."""
-    if not batch_invariant:
-        return [_LaunchClass(None, None, qb, {"num_splits": cfg.decode_splits})]
-    single = qb_cpu.q_len == 1
+    """The step's query blocks by kernel launch (see ``InfiniteHipImpl._launch_classes``).
+
+    ``staged_rows`` ([num_reqs] bool, host; offload): rows whose pages the step copies to the
+    staging buffer. Their blocks launch apart from the others', which read through the page
+    cache; None: no row is staged."""
+    if batch_invariant:
+        single = qb_cpu.q_len == 1
+        kinds = [(single, invariant_launch_options(cfg, single_query=True)),
+                 (~single, invariant_launch_options(cfg, single_query=False))]  # fmt: skip
+    else:
+        kinds = [(None, {"num_splits": cfg.decode_splits})]
+    n = qb_cpu.num_blocks
+    staged = torch.zeros(n, dtype=torch.bool) if staged_rows is None else staged_rows[qb_cpu.seq.long()]
     out = []
-    for kind in (single, ~single):
-        idx_cpu = torch.nonzero(kind).flatten()
-        if idx_cpu.numel() == 0:
-            continue
-        options = invariant_launch_options(cfg, single_query=kind is single)
-        out.append(_LaunchClass(idx_cpu, idx_cpu.to(qb.seq.device, non_blocking=True),
-                                subset_blocks(qb, qb_cpu, idx_cpu), options))  # fmt: skip
+    for picked, options in kinds:
+        for where, is_staged in ((staged, True), (~staged, False)):
+            mask = where if picked is None else picked & where
+            if not bool(mask.any()):
+                continue
+            if bool(mask.all()):  # every block: no gathers
+                out.append(_LaunchClass(None, None, qb, options, is_staged))
+                continue
+            idx_cpu = torch.nonzero(mask).flatten()
+            out.append(_LaunchClass(idx_cpu, idx_cpu.to(qb.seq.device, non_blocking=True),
+                                    subset_blocks(qb, qb_cpu, idx_cpu), options, is_staged))  # fmt: skip
     return out
 
 

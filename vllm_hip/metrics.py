@@ -269,7 +269,9 @@ def collect_step_stats() -> InfiniteHipConnectorStats | None:
     when they change.
     """
     global _last_gauges
-    snap = hip_stats.snapshot_and_reset()
+    # No GPU wait here: this runs on the model runner's thread once per step, and waiting
+    # for the step's kernels would stall asynchronous scheduling (vllm_hip.counter_reader).
+    snap = hip_stats.snapshot_and_reset(wait=False)
     gauges = [snap[f] for f in hip_stats.GAUGE_FIELDS]
     stats = InfiniteHipConnectorStats.from_snapshot(snap, _get_worker_key())
     if gauges == _last_gauges:

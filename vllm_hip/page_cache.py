@@ -93,7 +93,10 @@ def shared_counters(device: torch.device | str) -> torch.Tensor:
         from vllm_hip import stats
 
         _SHARED[device] = new_counters(device)
-        stats.get_stats().attach_device_counters(_SHARED[device], COUNTER_NAMES)
+        from vllm_hip.counter_reader import CounterReader
+
+        # read without waiting for the GPU by the per-step metrics export
+        stats.get_stats().attach_device_counters(CounterReader(_SHARED[device]), COUNTER_NAMES)
     return _SHARED[device]
 
 

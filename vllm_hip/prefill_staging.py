@@ -10,10 +10,13 @@ pages (2 GiB per layer for 1M tokens of Llama-3.1-8B in fp8) costs tens of milli
 So on a step with prefill rows (``offload_prefill_staging``, on by default), each layer:
 
 1. writes its new keys/values to host memory (as always);
-2. copies every page of the step's requests, up to each one's sequence length, from host
+2. copies every page of the step's prefill rows, up to each one's sequence length, from host
    memory into :class:`PrefillStaging`'s buffer, at the same page index (so the block table
    stays valid: the buffer is as large as one layer's KV cache);
-3. runs mask estimation and sparse attention on the buffer as on a GPU-resident cache.
+3. runs mask estimation and sparse attention of those rows on the buffer as on a GPU-resident
+   cache. Decode rows of the same step are launched apart and read through the page cache, as
+   in a decode-only step: copying a long decode row's whole context on every prefill chunk
+   would cost more than the chunk.
 
 The layers take turns with the one buffer: they run one after another on one stream, so a
 layer's copy starts after the previous layer's kernels are queued and the stream orders them.

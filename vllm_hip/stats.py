@@ -12,6 +12,9 @@ step later. Gauges (``gpu_cache_*``) are *set*, and a snapshot reports their cur
 Writers: one thread per worker process (the model runner's). A value may be a 0-d tensor
 (``stats.attn_cache_hits += hits_tensor``); it is converted with ``float()`` at snapshot time,
 which synchronizes the device once per step, so prefer host-side counts where they exist.
+Counters the kernels bump on the device are attached as a whole (:meth:`attach_device_counters`);
+the per-step export reads them without waiting for the GPU (``snapshot_and_reset(wait=False)``,
+a step or so behind), everything else reads them exactly.
 
 This module imports nothing but the standard library.
 """
@@ -145,7 +148,9 @@ class HipStats:
         """Add a 1-d tensor whose entry i is added to field ``names[i]`` (a counter or gauge).
 
         Kernels bump such tensors on the device (atomics); reading them costs one transfer per
-        snapshot instead of one per update. Attaching the same tensor twice is a no-op.
+        snapshot instead of one per update. Anything with ``tolist()`` and ``zero_()`` will do;
+        one that also has ``read_nowait()`` (``vllm_hip.counter_reader.CounterReader``) is read
+        with it when a snapshot does not wait. Attaching the same object twice is a no-op.
         """
         unknown = [n for n in names if n not in COUNTER_FIELDS + GAUGE_FIELDS]
         if unknown:
@@ -215,19 +220,22 @@ class HipStats:
         self.steps += n
 
     # ------------------------------------------------------------------ export side
-    def totals(self) -> dict[str, Any]:
-        """Cumulative values since start (or :meth:`reset`), as plain Python numbers."""
+    def totals(self, wait: bool = True) -> dict[str, Any]:
+        """Cumulative values since start (or :meth:`reset`), as plain Python numbers; with
+        ``wait=False`` device counters as of their last finished copy (no GPU wait)."""
         out: dict[str, Any] = {name: _num(getattr(self, name)) for name in COUNTER_FIELDS}
         out["stage_refreshes"] = [_num(v) for v in self.stage_refreshes]
         for name in GAUGE_FIELDS:
             out[name] = _num(getattr(self, name))
         for counters, names in self._device_counters:
-            for name, value in zip(names, counters.tolist()):
+            nowait = not wait and hasattr(counters, "read_nowait")
+            for name, value in zip(names, counters.read_nowait() if nowait else counters.tolist()):
                 out[name] += value
         return out
 
-    def snapshot_and_reset(self) -> dict[str, Any]:
+    def snapshot_and_reset(self, wait: bool = True) -> dict[str, Any]:
         """Increments since the previous call (gauges: current values); moves the baseline.
+        ``wait=False`` (the per-step export): device counters as :meth:`totals` reads them then.
 
         Returns
         -------
@@ -236,7 +244,7 @@ class HipStats:
             per-stage deltas (length = number of stages seen so far), and each of
             ``GAUGE_FIELDS``: its current value. Plain ints/floats only.
         """
-        now = self.totals()
+        now = self.totals(wait)
         base = self._baseline
         delta: dict[str, Any] = {}
         for name in COUNTER_FIELDS:
@@ -280,6 +288,6 @@ def reset_stats() -> None:
     _STATS.reset()
 
 
-def snapshot_and_reset() -> dict[str, Any]:
+def snapshot_and_reset(wait: bool = True) -> dict[str, Any]:
     """:meth:`HipStats.snapshot_and_reset` of the process-wide stats."""
-    return _STATS.snapshot_and_reset()
+    return _STATS.snapshot_and_reset(wait)
