@@ -1,5 +1,6 @@
 """Host-resident KV allocation (offload: true): layout, aliasing, sizing errors, vLLM hooks."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +36,43 @@ def test_refuses_more_than_the_host_can_pin(monkeypatch):
     monkeypatch.setattr(worker, "available_host_bytes", lambda: 10_000)
     with pytest.raises(HostMemoryError, match=r"needs 16384 bytes .* only 10000 bytes .* at most 9000"):
         worker.allocate_host_resident(_config(), "cpu")
+
+
+def _groups_config(num_blocks=65536, layers=32, page_bytes=16 * 2 * 8 * 128):
+    """A vLLM-like KVCacheConfig: one attention group, 16-token pages of fp8 Llama-3.1-8B
+    (2 x 8 kv heads x 128 dims a token)."""
+    spec = SimpleNamespace(page_size_bytes=page_bytes, block_size=16)
+    group = SimpleNamespace(kv_cache_spec=spec, layer_names=[f"layers.{i}.attn" for i in range(layers)])
+    return SimpleNamespace(num_blocks=num_blocks, kv_cache_groups=[group], kv_cache_tensors=[])
+
+
+def test_offload_gpu_bytes_are_page_caches_plus_one_layer_for_staging():
+    from vllm_hip.config import InfiniteHipConfig
+
+    cfg = InfiniteHipConfig(offload=True, offload_gpu_cache_tokens=16384)
+    need = worker.offload_gpu_bytes(_groups_config(), cfg)
+    assert need["staging"] == 65536 * 16 * 2048  # 1M tokens of one layer: 2 GiB
+    per_layer = (16384 + 16) * 2048 + 4 * 65537 + 16 * 1025
+    assert need["page_caches"] == 32 * per_layer
+    off = worker.offload_gpu_bytes(_groups_config(), InfiniteHipConfig(offload=True, offload_prefill_staging=False))
+    assert off["staging"] == 0
+
+
+def test_offload_gpu_buffers_that_cannot_fit_are_refused_at_start_up():
+    from vllm_hip.config import InfiniteHipConfig
+
+    cfg = InfiniteHipConfig(offload=True, offload_gpu_cache_tokens=16384)
+    gib = 1 << 30
+    worker.check_offload_gpu_memory(_groups_config(), "cuda", cfg, mem_info=(80 * gib, 80 * gib))
+    with pytest.raises(worker.GpuMemoryError, match=r"offload_gpu_cache_tokens=16384.*offload_prefill_staging.*"
+                       r"only 3221225472 bytes \(3.0 GiB\).*1073741824 \(1.0 GiB\) stay.*lower "
+                       r"offload_gpu_cache_tokens, set offload_prefill_staging to false"):
+        worker.check_offload_gpu_memory(_groups_config(), "cuda", cfg, mem_info=(3 * gib, 16 * gib))
+    # without staging the page caches alone (~1 GiB) fit in the same room
+    worker.check_offload_gpu_memory(
+        _groups_config(), "cuda", replace(cfg, offload_prefill_staging=False),
+        mem_info=(3 * gib, 16 * gib),
+    )
 
 
 def test_hooks_route_allocation_only_when_requested(monkeypatch):

@@ -394,7 +394,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             from vllm_hip import worker
 
             # Model layers are built before vLLM allocates the KV cache: ask for host memory now.
-            worker.request_offload(True)
+            worker.request_offload(True, self.hip_config)
             worker.install_allocation_hooks()
         from vllm_hip.plugin import rope_handed_over
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vllm_hip import _ops
+from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.offload import HostMemoryError, available_host_bytes
 
 logger = logging.getLogger("vllm_hip")
@@ -27,13 +28,28 @@ logger = logging.getLogger("vllm_hip")
 #: before vLLM allocates the KV cache, in the same worker process).
 _offload_requested = False
 
+#: The INFINITEHIP options of the layers that asked for offload (their GPU buffers are sized
+#: from them at start-up).
+_offload_config: InfiniteHipConfig | None = None
+
 #: Fraction of available host memory the KV store may pin (the rest keeps the OS alive).
 MAX_HOST_FRACTION = 0.9
 
+#: GPU memory the start-up check leaves beside the offload buffers for activations and CUDA
+#: graphs, which vLLM allocates later: this fraction of the GPU, at least GPU_HEADROOM_MIN bytes.
+GPU_HEADROOM_FRACTION = 0.05
+GPU_HEADROOM_MIN = 1 << 30
 
-def request_offload(enabled: bool) -> None:
-    global _offload_requested
+
+class GpuMemoryError(MemoryError):
+    """The offload buffers on the GPU (page caches, prefill staging) would not fit."""
+
+
+def request_offload(enabled: bool, config: InfiniteHipConfig | None = None) -> None:
+    global _offload_requested, _offload_config
     _offload_requested = _offload_requested or enabled
+    if enabled and config is not None:
+        _offload_config = config
 
 
 def offload_requested() -> bool:
@@ -49,7 +65,9 @@ def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> 
 
     Mirrors vLLM's allocation: one buffer per ``kv_cache_tensors`` entry, shared by the layers it
     names; entries with ``block_stride > 0`` alias one packed backing. Raises
-    :class:`HostMemoryError` naming the bytes asked and free when the host cannot hold it.
+    :class:`HostMemoryError` naming the bytes asked and free when the host cannot hold it, and
+    on a GPU :class:`GpuMemoryError` when the backend's GPU buffers for it would not fit
+    (:func:`check_offload_gpu_memory`).
     """
     entries = list(kv_cache_config.kv_cache_tensors)
     packed = [e for e in entries if getattr(e, "block_stride", 0) > 0]
@@ -64,6 +82,8 @@ def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> 
             f"{MAX_HOST_FRACTION:.0%} of that may be pinned: lower --kv-cache-memory-bytes "
             f"to at most {int(MAX_HOST_FRACTION * free)}"
         )
+    if torch.device(device).type == "cuda" and _offload_config is not None:
+        check_offload_gpu_memory(kv_cache_config, device, _offload_config)
     host = _ops.alloc_pinned_mapped([total], torch.int8)
     host.zero_()
     view = _ops.host_device_view(host) if torch.device(device).type == "cuda" else host
@@ -83,6 +103,60 @@ def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> 
         "vllm-hip: KV cache of %s in pinned host memory (GPU-mapped, read over PCIe)", _gib(total)
     )
     return out
+
+
+def offload_gpu_bytes(kv_cache_config: Any, config: InfiniteHipConfig) -> dict[str, int]:
+    """GPU bytes the backend allocates beside a host-resident KV cache (on first use):
+    ``page_caches``, every layer's ``offload_gpu_cache_tokens`` of hot pages with its page table,
+    and ``staging``, the prefill staging buffer (one layer's whole KV cache; 0 when
+    ``offload_prefill_staging`` is off)."""
+    layers = 0
+    layer_bytes = 0  # one layer's KV cache
+    block_size = 1
+    num_blocks = int(kv_cache_config.num_blocks)
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        layers += len(group.layer_names)
+        layer_bytes = max(layer_bytes, num_blocks * int(spec.page_size_bytes))
+        block_size = int(spec.block_size)
+    token_bytes = layer_bytes // max(1, num_blocks * block_size)
+    cached_tokens = max(config.offload_gpu_cache_tokens, block_size) + block_size  # + scratch slot
+    # per layer: the cached pages, slot_of_page (int32 per page), page_of_slot and last_use
+    tables = 4 * (num_blocks + 1) + 16 * (cached_tokens // block_size)
+    page_caches = layers * (cached_tokens * token_bytes + tables)
+    staging = layer_bytes if config.offload_prefill_staging else 0
+    return {"page_caches": page_caches, "staging": staging}
+
+
+def check_offload_gpu_memory(
+    kv_cache_config: Any,
+    device: torch.device | str,
+    config: InfiniteHipConfig,
+    mem_info: tuple[int, int] | None = None,
+) -> None:
+    """Refuse at start-up offload buffers that the GPU could not hold later, when the first
+    request would allocate them. ``mem_info``: (free, total) bytes, default
+    ``torch.cuda.mem_get_info(device)``. Raises :class:`GpuMemoryError` naming the options."""
+    need = offload_gpu_bytes(kv_cache_config, config)
+    free, total = mem_info if mem_info is not None else torch.cuda.mem_get_info(torch.device(device))
+    headroom = max(GPU_HEADROOM_MIN, int(GPU_HEADROOM_FRACTION * total))
+    room = free - headroom
+    if sum(need.values()) <= room:
+        return
+    staging = (
+        f"; prefill staging (offload_prefill_staging, one layer's KV cache, which grows with "
+        f"--kv-cache-memory-bytes): {need['staging']} bytes ({_gib(need['staging'])})"
+        if need["staging"] else ""
+    )  # fmt: skip
+    raise GpuMemoryError(
+        f"INFINITEHIP offload: its GPU buffers need {sum(need.values())} bytes "
+        f"({_gib(sum(need.values()))}): page caches (offload_gpu_cache_tokens="
+        f"{config.offload_gpu_cache_tokens} per layer): {need['page_caches']} bytes "
+        f"({_gib(need['page_caches'])}){staging}; but only {free} bytes ({_gib(free)}) of GPU "
+        f"memory are free, of which {headroom} ({_gib(headroom)}) stay for activations and CUDA "
+        f"graphs: lower offload_gpu_cache_tokens"
+        + (", set offload_prefill_staging to false or lower --kv-cache-memory-bytes" if need["staging"] else "")
+    )
 
 
 def install_allocation_hooks() -> None:
