@@ -728,6 +728,44 @@ def test_offload_mixed_step_stages_only_prefill_rows(batch_invariant):
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
 
 
+def test_offload_decode_through_a_chunked_prefill_equals_the_plain_path():
+    """Row 0 decodes step after step while row 1's prompt arrives in chunks beside it (mixed
+    steps: row 1 staged, row 0 through the page cache and its mask cache), then both decode:
+    every step's outputs equal the plain path's."""
+    base = small_sparse_config(refresh=(2, 1))
+    cfg = replace(base, offload=True, offload_gpu_cache_tokens=4096)
+    hq, hkv, d = 4, 2, 64
+    layer = FakeLayer(3)
+    chunks = [(0, 200), (200, 400), (400, 520)]
+    outs = {}
+    for name, c in (("plain", base), ("offload", cfg)):
+        hip_stats.reset_stats()
+        release_buffers()
+        PageCacheStack.release_shared()
+        batch = PagedBatch([620, 530], hq, hkv, d, torch.float32, seed=13, num_pages=120)
+        impl = make_impl(c, hq, hkv, d)
+        tracker = RowTracker(num_pages=120, max_rows=4, device=torch.device(DEV))
+        batch.prefill_context(0, 580, layer)
+        md, q, k, v = batch.step(c, [(0, 580, 600)], tracker=tracker, step_id=1)
+        got = [run_impl(impl, layer, batch, md, q, k, v)]
+        pos, step = 600, 2
+        for lo, hi in chunks:  # mixed: row 0 decodes, row 1 prefills a chunk
+            md, q, k, v = batch.step(c, [(0, pos, pos + 1), (1, lo, hi)], tracker=tracker,
+                                     step_id=step, decode_rows=(0,))  # fmt: skip
+            got.append(run_impl(impl, layer, batch, md, q, k, v))
+            if name == "offload":
+                assert [kind.staged for kind in md.launch_classes] == [True, False]
+            pos, step = pos + 1, step + 1
+        for t in range(3):  # both decode
+            md, q, k, v = batch.step(c, [(0, pos, pos + 1), (1, 520 + t, 521 + t)], tracker=tracker,
+                                     step_id=step, decode_rows=(0, 1))  # fmt: skip
+            got.append(run_impl(impl, layer, batch, md, q, k, v))
+            pos, step = pos + 1, step + 1
+        outs[name] = got
+    for a, b in zip(outs["plain"], outs["offload"]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
 def test_step_pages_lists_each_rows_pages_up_to_its_length():
     from vllm_hip.prefill_staging import step_pages
 
