@@ -19,7 +19,6 @@ exit status 1 if any failed.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 
