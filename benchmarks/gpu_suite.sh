@@ -63,7 +63,7 @@ if [ "$part" = prep ]; then
     export PYTHONPATH=$PREP/path:$PREP/tree\${PYTHONPATH:+:\$PYTHONPATH}
     env -u CC -u CXX python3 setup.py build_ext --inplace >$PREP/build.log 2>&1; echo \"exit \$?\" >>$PREP/build.log
     [ ${PREP_TESTS:-1} = 1 ] && python3 -m pytest -q -p no:cacheprovider tests/test_prune.py tests/test_sparse_attention.py \
-      tests/test_page_cache.py tests/test_ops.py tests/test_offload.py tests/test_api.py \
+      tests/test_page_cache.py tests/test_ops.py tests/test_offload.py tests/test_api.py tests/test_host_copy.py \
       >$PREP/pytest_kernels.log 2>&1; echo \"exit \$?\" >>$PREP/pytest_kernels.log
     touch $PREP/done" >/dev/null 2>&1 </dev/null &
   stamp "prep started in the background ($PREP)"

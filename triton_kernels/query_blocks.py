@@ -69,12 +69,16 @@ class QueryBlocks:
         return self.max_q_len == 1
 
     def to(self, device: torch.device | str) -> "QueryBlocks":
+        """The blocks on ``device``: host blocks reach a GPU in one copy that does not wait for
+        the GPU's queued work (``host_copy``)."""
+        from vllm_hip_kernels.host_copy import to_device_rows
+
+        names = ("seq", "q_start", "q_len", "pos", "window_start")
+        tensors = [getattr(self, n) for n in names]
+        same = all(t.device.type == "cpu" and t.dtype == torch.int32 for t in tensors)
+        moved = to_device_rows(tensors, device) if same else [t.to(device) for t in tensors]
         return QueryBlocks(
-            seq=self.seq.to(device),
-            q_start=self.q_start.to(device),
-            q_len=self.q_len.to(device),
-            pos=self.pos.to(device),
-            window_start=self.window_start.to(device),
+            **dict(zip(names, moved)),
             max_q_len=self.max_q_len,
             max_window_start=self.max_window_start,
             max_seq_len=self.max_seq_len,

@@ -36,6 +36,7 @@ from vllm.v1.attention.backend import (
 
 from vllm_hip_kernels.query_blocks import QueryBlocks, build_query_blocks
 from vllm_hip_kernels.cached_pages import CachedPages
+from vllm_hip_kernels.host_copy import to_device
 from vllm_hip import prefill_lens
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
@@ -219,7 +220,7 @@ def build_metadata(
         split_last=prefill_lens.split_rows(seq_lens_cpu, cfg.split_last_query),
     )
     if positions is None:
-        positions = _positions_from(qsl_cpu, seq_lens_cpu).to(device, non_blocking=True)
+        positions = to_device(_positions_from(qsl_cpu, seq_lens_cpu), device)
     if is_prefilling_cpu is not None:
         is_decode = ~is_prefilling_cpu[:num_reqs].to("cpu", torch.bool) & (q_lens_cpu == 1)
     else:
@@ -791,7 +792,7 @@ def _blocks_of_rows(md: InfiniteHipMetadata, *, decode: bool) -> torch.Tensor:
     """Device indices of the query blocks of the step's decode (or prefill) rows."""
     is_decode = md.is_decode_row[md.qblocks_cpu.seq.long()]
     picked = is_decode if decode else ~is_decode
-    return torch.nonzero(picked).flatten().to(md.qblocks.seq.device, non_blocking=True)
+    return to_device(torch.nonzero(picked).flatten(), md.qblocks.seq.device)
 
 
 @dataclass(frozen=True)
@@ -841,15 +842,15 @@ class _DevicePlan:
                 if not bool(mine.any()):
                     continue
                 idx_cpu, keep = stage_idx[mine], torch.nonzero(to_store[mine]).flatten()
-                idx = idx_cpu.to(dev, non_blocking=True)
-                k_dev = keep.to(dev, non_blocking=True) if keep.numel() else None
+                idx = to_device(idx_cpu, dev)
+                k_dev = to_device(keep, dev) if keep.numel() else None
                 groups.append((s, _Group(
                     blocks=subset_blocks(qb, qb_cpu, idx_cpu), idx=idx, rows=rows_dev[idx],
                     size=int(idx_cpu.numel()), keep=k_dev,
                     keep_rows=rows_dev[idx[k_dev]] if k_dev is not None else None,
                     tile_q_len=kind.options.get("tile_q_len"), staged=kind.staged,
                 )))  # fmt: skip
-        reuse_idx = plan.reuse.to(dev, non_blocking=True)
+        reuse_idx = to_device(plan.reuse, dev)
         return cls(groups=groups, reuse_idx=reuse_idx, reuse_rows=rows_dev[reuse_idx])
 
 
@@ -918,7 +919,7 @@ def launch_classes(
                 out.append(_LaunchClass(None, None, qb, options, is_staged))
                 continue
             idx_cpu = torch.nonzero(mask).flatten()
-            out.append(_LaunchClass(idx_cpu, idx_cpu.to(qb.seq.device, non_blocking=True),
+            out.append(_LaunchClass(idx_cpu, to_device(idx_cpu, qb.seq.device),
                                     subset_blocks(qb, qb_cpu, idx_cpu), options, is_staged))  # fmt: skip
     return out
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_hip_kernels.host_copy import to_device
 from vllm_hip_kernels.query_blocks import QueryBlocks
 
 __all__ = ["RefreshPlan", "RowTracker", "LayerMaskCache", "MaskStore", "plan_refresh", "subset_blocks"]
@@ -94,7 +95,7 @@ def plan_refresh(
 
 def subset_blocks(qb: QueryBlocks, qb_cpu: QueryBlocks, idx_cpu: torch.Tensor) -> QueryBlocks:
     """The query blocks ``idx_cpu`` (host indices) of ``qb``, with host ints recomputed."""
-    idx = idx_cpu.to(qb.seq.device, non_blocking=True)
+    idx = to_device(idx_cpu, qb.seq.device)
     n = int(idx_cpu.numel())
     return QueryBlocks(
         seq=qb.seq[idx],

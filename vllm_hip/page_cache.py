@@ -40,6 +40,7 @@ from collections import deque
 import torch
 
 from vllm_hip_kernels.cached_pages import COUNTER_SLOTS, CachedPages
+from vllm_hip_kernels.host_copy import to_device
 from vllm_hip_kernels.page_copy import RowMirror, copy_layer_pages, layer_offsets
 
 __all__ = [
@@ -224,7 +225,7 @@ class PageCacheStack:
         tick = self._tick
         cap, num_pages = self.capacity, self.num_pages
         dev = self.device
-        lay = torch.tensor(layers, dtype=torch.int64).to(dev, non_blocking=True)
+        lay = to_device(torch.tensor(layers, dtype=torch.int64), dev)
         rows = lay[:, None]
         p = torch.where(pages.long() >= 0, pages.long(), _NEVER)
         p, _ = torch.sort(p, dim=1)

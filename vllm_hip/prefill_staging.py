@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_hip_kernels.host_copy import to_device
 from vllm_hip_kernels.page_copy import copy_pages
 
 __all__ = ["PrefillStaging", "release_buffers", "step_pages"]
@@ -51,7 +52,7 @@ def step_pages(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size:
     dev = block_table.device
     if total == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
-    n = n_cpu.to(dev, non_blocking=True)
+    n = to_device(n_cpu, dev)
     row = torch.repeat_interleave(torch.arange(rows, device=dev), n, output_size=total)
     first = torch.cumsum(n, 0) - n
     col = torch.arange(total, device=dev) - first[row]
