@@ -5,6 +5,9 @@
   context; without one, run the CPU passkey demo (dense vs InfiniteHiP beyond 8K tokens).
 - ``vllm-hip serve [MODEL] [vllm serve options...]``: ``vllm serve`` with INFINITEHIP selected.
 - ``vllm-hip demo [options]``: the CPU demo (``python -m vllm_hip.demo --help``).
+- ``vllm-hip plan [MODEL] --context N [options]``: host and GPU memory of a long context with KV
+  offloading, against dense attention, checked against this machine, and the ``vllm serve``
+  command (``vllm_hip.offload_plan``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def serve_command(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv[0] if argv and argv[0] in ("serve", "demo") else None
+    cmd = argv[0] if argv and argv[0] in ("serve", "demo", "plan") else None
     if cmd is None:
         if argv and argv[0] in ("-h", "--help"):
             print(__doc__)
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_hip.demo import main as demo_main
 
         return int(demo_main(argv) or 0)
+    if cmd == "plan":
+        from vllm_hip.offload_plan import main as plan_main
+
+        return int(plan_main(argv) or 0)
     line = serve_command(argv)
     print("$ " + " ".join(line), flush=True)
     os.execvp(line[0], line)

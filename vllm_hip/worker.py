@@ -106,26 +106,18 @@ def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> 
 
 
 def offload_gpu_bytes(kv_cache_config: Any, config: InfiniteHipConfig) -> dict[str, int]:
-    """GPU bytes the backend allocates beside a host-resident KV cache (on first use):
-    ``page_caches``, every layer's ``offload_gpu_cache_tokens`` of hot pages with its page table,
-    and ``staging``, the prefill staging buffer (one layer's whole KV cache; 0 when
-    ``offload_prefill_staging`` is off)."""
-    layers = 0
-    layer_bytes = 0  # one layer's KV cache
-    block_size = 1
-    num_blocks = int(kv_cache_config.num_blocks)
+    """GPU bytes the backend allocates beside this host-resident KV cache (on first use):
+    ``page_caches`` and ``staging`` (``offload_plan.gpu_buffer_bytes``)."""
+    from vllm_hip.offload_plan import gpu_buffer_bytes
+
+    layers, page_bytes, page_tokens = 0, 0, 1
     for group in kv_cache_config.kv_cache_groups:
         spec = group.kv_cache_spec
         layers += len(group.layer_names)
-        layer_bytes = max(layer_bytes, num_blocks * int(spec.page_size_bytes))
-        block_size = int(spec.block_size)
-    token_bytes = layer_bytes // max(1, num_blocks * block_size)
-    cached_tokens = max(config.offload_gpu_cache_tokens, block_size) + block_size  # + scratch slot
-    # per layer: the cached pages, slot_of_page (int32 per page), page_of_slot and last_use
-    tables = 4 * (num_blocks + 1) + 16 * (cached_tokens // block_size)
-    page_caches = layers * (cached_tokens * token_bytes + tables)
-    staging = layer_bytes if config.offload_prefill_staging else 0
-    return {"page_caches": page_caches, "staging": staging}
+        page_bytes = max(page_bytes, int(spec.page_size_bytes))
+        page_tokens = int(spec.block_size)
+    return gpu_buffer_bytes(layers=layers, num_pages=int(kv_cache_config.num_blocks),
+                            page_tokens=page_tokens, page_bytes=page_bytes, config=config)  # fmt: skip
 
 
 def check_offload_gpu_memory(
