@@ -683,8 +683,8 @@ def test_offload_prefill_staging_reads_a_gpu_copy_of_the_steps_pages():
     pages = step_pages(md.block_table, torch.tensor(lens), PAGE).tolist()
     assert len(pages) == sum(-(-L // PAGE) for L in lens)
     assert pages[: -(-lens[0] // PAGE)] == batch.block_table[0, : -(-lens[0] // PAGE)].tolist()
-    for page in pages:
-        assert torch.equal(staging.buffer[page], batch.kv_cache[page])
+    for i, page in enumerate(pages):  # the rows' pages one after another
+        assert torch.equal(staging.buffer[i], batch.kv_cache[page])
     st = hip_stats.get_stats()
     assert st.h2d_copy_bytes == len(pages) * staging.page_bytes
     assert st.gpu_cache_bytes == pc.nbytes + staging.nbytes
@@ -764,6 +764,49 @@ def test_offload_decode_through_a_chunked_prefill_equals_the_plain_path():
         outs[name] = got
     for a, b in zip(outs["plain"], outs["offload"]):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_staging_smaller_than_the_step_leaves_rows_to_the_page_cache():
+    """A staging buffer too small for both prefill rows (the longest request plus a step's
+    budget, here shrunk) takes the first; the second launches with the decode rows' class and
+    reads through the page cache; outputs equal the plain path's."""
+    from vllm_hip.prefill_staging import PrefillStaging
+
+    base = small_sparse_config()
+    cfg = replace(base, offload=True, offload_gpu_cache_tokens=4096)
+    hq, hkv, d = 4, 2, 64
+    lens = [600, 500]
+    layer = FakeLayer(3)
+    outs = []
+    for c in (base, cfg):
+        batch = PagedBatch(lens, hq, hkv, d, torch.float32, seed=8, num_pages=120)
+        impl = make_impl(c, hq, hkv, d)
+        impl._staging_tokens = 640  # 40 pages: row 0 (38 pages) fits, row 1 (32) does not
+        hip_stats.reset_stats()
+        release_buffers()
+        PageCacheStack.release_shared()
+        for i, L in enumerate(lens):
+            batch.prefill_context(i, L - 100, layer)
+        md, q, k, v = batch.step(c, [(0, 500, 600), (1, 400, 500)], step_id=1)
+        outs.append(run_impl(impl, layer, batch, md, q, k, v))
+    assert md.staged_rows.tolist() == [True, False]
+    assert [kind.staged for kind in md.launch_classes] == [True, False]
+    staging, made = PrefillStaging.for_cache(batch.kv_cache, 40)
+    assert not made and staging.num_pages == 40
+    assert md.staged_pages.numel() == 38
+    assert impl._page_cache.counters.tolist()[0] > 0  # row 1 read through the page cache
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
+def test_staged_block_table_lays_rows_out_one_after_another():
+    from vllm_hip.prefill_staging import staged_block_table, staged_rows
+
+    table = torch.tensor([[5, 9, 2, 7], [3, 1, 8, 0], [4, 6, 0, 0]], dtype=torch.int32, device=DEV)
+    got = staged_block_table(table, torch.tensor([17, 0, 9]), 8).tolist()
+    assert got == [[0, 1, 2, 0], [0, 0, 0, 0], [3, 4, 0, 0]]
+    prefill = torch.tensor([True, False, True])
+    assert staged_rows(prefill, torch.tensor([17, 900, 9]), 8, capacity=5).tolist() == [True, False, True]
+    assert staged_rows(prefill, torch.tensor([17, 900, 9]), 8, capacity=4).tolist() == [True, False, False]
 
 
 def test_step_pages_lists_each_rows_pages_up_to_its_length():

@@ -48,6 +48,15 @@ def test_a_million_tokens_of_llama_8b_in_fp8():
     assert no_staging.staging_bytes == 0 and no_staging.gpu_kv_bytes == plan.page_cache_bytes
 
 
+def test_staging_holds_one_request_however_many_are_planned():
+    cfg = InfiniteHipConfig(offload=True, offload_gpu_cache_tokens=16384)
+    one = plan_offload(KvShape(32, 8, 128), 1 << 20, cfg, kv_dtype_bytes=1)
+    four = plan_offload(KvShape(32, 8, 128), 1 << 20, cfg, kv_dtype_bytes=1, requests=4)
+    assert four.host_kv_bytes == 4 * one.host_kv_bytes
+    assert four.staging_bytes == -(-((1 << 20) + DECODE_MARGIN_TOKENS + 8192) // 16) * 16 * 2048
+    assert four.gpu_fraction_of_dense < one.gpu_fraction_of_dense
+
+
 def test_longest_context_that_host_memory_holds():
     shape = KvShape(16, 8, 64)  # Llama-3.2-1B: 16 KB a token in fp8
     assert max_context_in_host(shape, 100 * GIB, kv_dtype_bytes=1) == 100 * GIB // 16384 - DECODE_MARGIN_TOKENS

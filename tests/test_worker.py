@@ -56,6 +56,9 @@ def test_offload_gpu_bytes_are_page_caches_plus_one_layer_for_staging():
     assert need["page_caches"] == 32 * per_layer
     off = worker.offload_gpu_bytes(_groups_config(), InfiniteHipConfig(offload=True, offload_prefill_staging=False))
     assert off["staging"] == 0
+    # with the longest request plus a step's budget known, staging holds that much only
+    capped = worker.offload_gpu_bytes(_groups_config(), cfg, staging_tokens=131072 + 8192)
+    assert capped["staging"] == (139264 // 16) * 16 * 2048 and capped["page_caches"] == need["page_caches"]
 
 
 def test_offload_gpu_buffers_that_cannot_fit_are_refused_at_start_up():

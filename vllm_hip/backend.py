@@ -42,6 +42,8 @@ from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.flash_delegate import FlashDelegate, flash_forward
 from vllm_hip.launch_options import invariant_launch_options
+from vllm_hip.offload_plan import staging_pages
+from vllm_hip.prefill_staging import staging_tokens
 from vllm_hip.masks import LayerMaskCache, MaskStore, RefreshPlan, RowTracker, plan_refresh, subset_blocks
 from vllm_hip.page_cache import (
     DecodePages,
@@ -111,9 +113,13 @@ class InfiniteHipMetadata:
     layer; the same for all)."""
     seq_lens_cpu: torch.Tensor | None = None
     """[num_reqs] int64 on the host."""
+    staged_rows: torch.Tensor | None = None
+    """Offload, prefill steps: [num_reqs] bool (host), rows whose pages go to the staging buffer
+    (``prefill_staging.staged_rows``; filled by the first layer)."""
     staged_pages: torch.Tensor | None = None
-    """Offload, prefill steps: every page the step's prefill rows read
-    (``prefill_staging.step_pages``; filled by the first layer)."""
+    """Their pages, row after row (``prefill_staging.step_pages``; filled by the first layer)."""
+    staged_block_table: torch.Tensor | None = None
+    """The staging buffer's block table for them (``prefill_staging.staged_block_table``)."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
     flash: Any = None
@@ -246,6 +252,11 @@ def build_metadata(
         mask_store=mask_store,
         seq_lens_cpu=seq_lens_cpu.long(),
     )
+
+
+def _host_lens(md: InfiniteHipMetadata) -> torch.Tensor:
+    """The step's sequence lengths on the host (int64)."""
+    return md.seq_lens_cpu if md.seq_lens_cpu is not None else md.seq_lens.cpu().long()
 
 
 def _host_seq_lens(cm: CommonAttentionMetadata) -> torch.Tensor:
@@ -389,13 +400,14 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             if vllm_config is not None and vllm_config.scheduler_config is not None
             else 1
         )
+        self._staging_tokens = staging_tokens(vllm_config)
         if self.hip_config.rope_mode == "streaming" and self._hf_config is not None:
             check_streaming_rope_support(self._hf_config, head_size)
         if self.hip_config.offload:
             from vllm_hip import worker
 
             # Model layers are built before vLLM allocates the KV cache: ask for host memory now.
-            worker.request_offload(True, self.hip_config)
+            worker.request_offload(True, self.hip_config, self._staging_tokens)
             worker.install_allocation_hooks()
         from vllm_hip.plugin import rope_handed_over
 
@@ -494,16 +506,18 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         """This layer's pages of the step's prefill rows in the shared GPU staging buffer
         (``vllm_hip.prefill_staging``); counted as host-to-GPU copy bytes. Decode rows are left
         out: their blocks launch apart and read through the page cache (``launch_classes``)."""
-        from vllm_hip.prefill_staging import PrefillStaging, step_pages
+        from vllm_hip.prefill_staging import PrefillStaging, staged_block_table, step_pages
 
-        staging, made = PrefillStaging.for_cache(kv_cache)
+        page_size = int(kv_cache.shape[2])
+        pages = staging_pages(int(kv_cache.shape[0]), page_size, self._staging_tokens)
+        staging, made = PrefillStaging.for_cache(kv_cache, pages)
         st = hip_stats.get_stats()
         if made:
             st.gpu_cache_bytes += staging.nbytes
         if md.staged_pages is None:
-            lens = md.seq_lens_cpu if md.seq_lens_cpu is not None else md.seq_lens.cpu()
-            lens = torch.where(md.is_decode_row, 0, lens)
-            md.staged_pages = step_pages(md.block_table, lens, int(kv_cache.shape[2]))
+            lens = torch.where(md.staged_rows, _host_lens(md), 0)
+            md.staged_pages = step_pages(md.block_table, lens, page_size)
+            md.staged_block_table = staged_block_table(md.block_table, lens, page_size)
         st.record_h2d(int(md.staged_pages.numel()) * staging.page_bytes)
         return staging.fill(kv_cache, md.staged_pages)
 
@@ -524,7 +538,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             max_window_pages=(cfg.window_tokens + cfg.block_size_q) // page_size + 2,
         )
 
-    def _launch_classes(self, md: InfiniteHipMetadata) -> list["_LaunchClass"]:
+    def _launch_classes(self, md: InfiniteHipMetadata, kv_cache: torch.Tensor | None = None) -> list["_LaunchClass"]:
         """How the step's query blocks are launched (made by the first layer, once per step).
 
         By default all in one launch, tiles and split-K sized by the batch (fastest). In
@@ -534,14 +548,19 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         and ``decode_splits`` (8 if 0) partitions, longer blocks with tiles for ``block_size_q``
         queries and one partition. Under offload with prefill staging, a step's prefill rows
         read a GPU copy of their pages and its decode rows the page cache: their blocks launch
-        apart too."""
+        apart too (``kv_cache``, the layer's, sizes the staging buffer: the first call of a step
+        must pass it)."""
         if md.launch_classes is None:
+            from vllm_hip.prefill_staging import staged_rows
+
             cfg = self.hip_config
-            staged_rows = None
             if cfg.offload and cfg.offload_prefill_staging and not bool(md.is_decode_row.all()):
-                staged_rows = ~md.is_decode_row  # prefill rows; decode rows read the page cache
+                page_size = int(kv_cache.shape[2])
+                cap = staging_pages(int(kv_cache.shape[0]), page_size, self._staging_tokens)
+                # prefill rows while they fit; decode rows read the page cache
+                md.staged_rows = staged_rows(~md.is_decode_row, _host_lens(md), page_size, cap)
             md.launch_classes = launch_classes(
-                md.qblocks, md.qblocks_cpu, cfg, self.batch_invariant, staged_rows
+                md.qblocks, md.qblocks_cpu, cfg, self.batch_invariant, md.staged_rows
             )
         return md.launch_classes
 
@@ -594,9 +613,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 out = output[:n].view(n, self.num_heads, self.head_size)
                 flash_forward(self, layer, q, kv_cache, out, md.flash)
                 return output
-        classes = self._launch_classes(md)
+        classes = self._launch_classes(md, kv_cache)
         # Where each launch class reads keys and values: keyed by _LaunchClass.staged.
-        reads = {False: _KeyReads(key_cache, value_cache, None)}
+        reads = {False: _KeyReads(key_cache, value_cache, None, md.block_table)}
         pc = self._offload_page_cache(kv_cache)
         if pc is not None:
             # Write-through: cached pages that receive new tokens stay equal to host memory.
@@ -604,13 +623,13 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             if any(kind.staged for kind in classes):
                 # The prefill rows' pages, copied to the GPU in bulk: their blocks read them there.
                 sk, sv = self._stage_pages(kv_cache, md).unbind(1)
-                reads[True] = _KeyReads(_fp8_view(sk, fp8), _fp8_view(sv, fp8), None)
+                reads[True] = _KeyReads(_fp8_view(sk, fp8), _fp8_view(sv, fp8), None, md.staged_block_table)
             if not all(kind.staged for kind in classes):
                 if not self.hip_config.offload_prefill_staging and not bool(md.is_decode_row.all()):
                     self._admit_prefill_windows(pc, md)
                 ck, cv = pc.kv.unbind(1)
                 cached = CachedPages(pc.slot_of_page, _fp8_view(ck, fp8), _fp8_view(cv, fp8), pc.counters)
-                reads[False] = _KeyReads(key_cache, value_cache, cached)
+                reads[False] = _KeyReads(key_cache, value_cache, cached, md.block_table)
 
         sel, sel_count = self._select(layer_idx, q, reads, md, k_scale, rope, rotated)
         from vllm_hip_kernels import sparse_attention as sa
@@ -622,7 +641,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 q,
                 r.key_cache,
                 r.value_cache,
-                md.block_table,
+                r.block_table,
                 md.seq_lens,
                 kind.blocks,
                 sel if kind.idx is None else sel[kind.idx],
@@ -736,7 +755,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 cached = (starts[group.rows], count[group.rows])
             r = reads[group.staged]  # offload: mask estimation reads hot pages from the GPU
             got_sel, got_cnt, stage_inputs = prune.select_blocks(
-                q, r.key_cache, md.block_table, md.seq_lens, group.blocks, stages, cached_inputs=cached,
+                q, r.key_cache, r.block_table, md.seq_lens, group.blocks, stages, cached_inputs=cached,
                 first_stage=s, tile_q_len=group.tile_q_len, page_cache=r.page_cache, **common,
             )  # fmt: skip
             if whole and got_sel.shape[1] == width:
@@ -862,6 +881,8 @@ class _KeyReads:
     key_cache: torch.Tensor
     value_cache: torch.Tensor
     page_cache: CachedPages | None
+    block_table: torch.Tensor
+    """The step's block table, or the staging buffer's (``prefill_staging.staged_block_table``)."""
 
 
 def _fp8_view(cache: torch.Tensor, fp8: bool) -> torch.Tensor:

@@ -34,6 +34,9 @@ DECODE_MARGIN_TOKENS = 4096
 #: vLLM's page size for INFINITEHIP (tokens a KV block holds).
 PAGE_TOKENS = 16
 
+#: The ``--max-num-batched-tokens`` a plan assumes unless told (a step's token budget).
+DEFAULT_BATCHED_TOKENS = 8192
+
 
 @dataclass(frozen=True)
 class KvShape:
@@ -62,19 +65,31 @@ class KvShape:
         return self.layers * 2 * self.kv_heads * self.head_dim * dtype_bytes
 
 
+def staging_pages(num_pages: int, page_tokens: int, tokens: int | None) -> int:
+    """Pages of the prefill staging buffer: ``tokens`` (the longest request plus a step's token
+    budget, ``prefill_staging.staging_tokens``), never more than the KV cache's ``num_pages``;
+    all of them when ``tokens`` is None."""
+    if tokens is None:
+        return num_pages
+    return max(1, min(num_pages, -(-tokens // page_tokens)))
+
+
 def gpu_buffer_bytes(
-    *, layers: int, num_pages: int, page_tokens: int, page_bytes: int, config: InfiniteHipConfig
+    *, layers: int, num_pages: int, page_tokens: int, page_bytes: int, config: InfiniteHipConfig,
+    staging_tokens: int | None = None,
 ) -> dict[str, int]:
     """GPU bytes the backend allocates beside a host-resident KV cache of ``num_pages`` pages of
     ``page_bytes`` per layer: ``page_caches``, every layer's ``offload_gpu_cache_tokens`` of hot
     pages (plus a scratch page) with its tables (``page_cache.PageCacheStack``), and
-    ``staging``, the prefill staging buffer (one layer's whole KV cache,
+    ``staging``, the prefill staging buffer shared by the layers (:func:`staging_pages` pages,
     ``prefill_staging.PrefillStaging``; 0 when ``offload_prefill_staging`` is off)."""
     cached_pages = max(1, config.offload_gpu_cache_tokens // page_tokens) + 1
     # per layer: slot_of_page int32 per page (+1), page_of_slot and last_use int64 per slot
     tables = 4 * (num_pages + 1) + 16 * cached_pages
     page_caches = layers * (cached_pages * page_bytes + tables)
-    staging = num_pages * page_bytes if config.offload_prefill_staging else 0
+    staging = 0
+    if config.offload_prefill_staging:
+        staging = staging_pages(num_pages, page_tokens, staging_tokens) * page_bytes
     return {"page_caches": page_caches, "staging": staging}
 
 
@@ -91,6 +106,7 @@ class OffloadPlan:
     """``--kv-cache-memory-bytes`` with offload: the requests plus decode room, pinned host memory."""
     page_cache_bytes: int
     staging_bytes: int
+    max_num_batched_tokens: int
 
     @property
     def gpu_kv_bytes(self) -> int:
@@ -103,16 +119,19 @@ class OffloadPlan:
 
 
 def plan_offload(shape: KvShape, context_tokens: int, config: InfiniteHipConfig, *,
-                 kv_dtype_bytes: int = 2, requests: int = 1) -> OffloadPlan:  # fmt: skip
-    """The plan for ``requests`` requests of ``context_tokens`` each."""
+                 kv_dtype_bytes: int = 2, requests: int = 1,
+                 max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS) -> OffloadPlan:  # fmt: skip
+    """The plan for ``requests`` requests of ``context_tokens`` each, served with
+    ``--max-model-len`` ``context_tokens + DECODE_MARGIN_TOKENS``."""
     if context_tokens < 1 or requests < 1:
         raise ValueError("context_tokens and requests must be >= 1")
     per_token = shape.bytes_per_token(kv_dtype_bytes)
     host_tokens = requests * (context_tokens + DECODE_MARGIN_TOKENS)
     num_pages = -(-host_tokens // PAGE_TOKENS)
     page_bytes = PAGE_TOKENS * per_token // shape.layers
+    staging_tokens = context_tokens + DECODE_MARGIN_TOKENS + max_num_batched_tokens
     gpu = gpu_buffer_bytes(layers=shape.layers, num_pages=num_pages, page_tokens=PAGE_TOKENS,
-                           page_bytes=page_bytes, config=config)  # fmt: skip
+                           page_bytes=page_bytes, config=config, staging_tokens=staging_tokens)  # fmt: skip
     return OffloadPlan(
         context_tokens=context_tokens,
         requests=requests,
@@ -121,6 +140,7 @@ def plan_offload(shape: KvShape, context_tokens: int, config: InfiniteHipConfig,
         host_kv_bytes=num_pages * PAGE_TOKENS * per_token,
         page_cache_bytes=gpu["page_caches"],
         staging_bytes=gpu["staging"],
+        max_num_batched_tokens=max_num_batched_tokens,
     )
 
 
@@ -166,7 +186,7 @@ def report(model: str, shape: KvShape, plan: OffloadPlan, config: InfiniteHipCon
         f"                       GPU page caches  {_gib(plan.page_cache_bytes):>14}   "
         f"offload_gpu_cache_tokens={config.offload_gpu_cache_tokens} x {shape.layers} layers",
         f"                       GPU staging      {_gib(plan.staging_bytes):>14}   "
-        + ("one layer's KV (offload_prefill_staging)" if plan.staging_bytes else "off"),
+        + ("one request + a step's tokens, one layer (offload_prefill_staging)" if plan.staging_bytes else "off"),
         f"                       GPU total        {_gib(plan.gpu_kv_bytes):>14}   "
         f"{100 * plan.gpu_fraction_of_dense:.1f}% of dense",
     ]
@@ -196,7 +216,8 @@ def report(model: str, shape: KvShape, plan: OffloadPlan, config: InfiniteHipCon
         "",
         f"vllm serve {model} --attention-backend INFINITEHIP --max-model-len "
         f"{plan.context_tokens + DECODE_MARGIN_TOKENS}{dtype_arg} --kv-cache-memory-bytes "
-        f"{plan.host_kv_bytes} --additional-config '{json.dumps({'infinitehip': hip})}'",
+        f"{plan.host_kv_bytes} --max-num-batched-tokens {plan.max_num_batched_tokens} "
+        f"--additional-config '{json.dumps({'infinitehip': hip})}'",
     ]
     if not fits:
         lines.append("(does not fit this machine as planned: see above)")
@@ -221,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, required=True, help="tokens of each request")
     ap.add_argument("--requests", type=int, default=1, help="requests held at full length at once")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=sorted(KV_DTYPE_BYTES))
+    ap.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_BATCHED_TOKENS,
+                    help="vLLM's token budget of a step (sizes the prefill staging buffer)")
     ap.add_argument("--additional-config", default=None,
                     help="vLLM's --additional-config JSON (its \"infinitehip\" options)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
-    if args.context < 1 or args.requests < 1:
-        ap.error("--context and --requests must be >= 1")
+    if args.context < 1 or args.requests < 1 or args.max_num_batched_tokens < 1:
+        ap.error("--context, --requests and --max-num-batched-tokens must be >= 1")
     try:
         raw = json.loads(args.additional_config) if args.additional_config else {}
         config = InfiniteHipConfig.from_vllm_additional_config(raw)
@@ -239,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         model = str(smollm2_path())
     shape = KvShape.from_hf_config(_load_hf_config(model))
     plan = plan_offload(shape, args.context, config, kv_dtype_bytes=KV_DTYPE_BYTES[args.kv_cache_dtype],
-                        requests=args.requests)  # fmt: skip
+                        requests=args.requests, max_num_batched_tokens=args.max_num_batched_tokens)  # fmt: skip
     machine = _machine()
     if args.json:
         out = {"model": model, **asdict(shape), **asdict(plan), "gpu_kv_bytes": plan.gpu_kv_bytes,

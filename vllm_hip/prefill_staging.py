@@ -11,8 +11,9 @@ So on a step with prefill rows (``offload_prefill_staging``, on by default), eac
 
 1. writes its new keys/values to host memory (as always);
 2. copies every page of the step's prefill rows, up to each one's sequence length, from host
-   memory into :class:`PrefillStaging`'s buffer, at the same page index (so the block table
-   stays valid: the buffer is as large as one layer's KV cache);
+   memory into :class:`PrefillStaging`'s buffer, the rows one after another, with a block table
+   of the buffer for them (:func:`staged_block_table`). The buffer holds the longest request
+   plus a step's token budget (:func:`staging_tokens`), not the whole KV cache;
 3. runs mask estimation and sparse attention of those rows on the buffer as on a GPU-resident
    cache. Decode rows of the same step are launched apart and read through the page cache, as
    in a decode-only step: copying a long decode row's whole context on every prefill chunk
@@ -24,12 +25,14 @@ layer's copy starts after the previous layer's kernels are queued and the stream
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vllm_hip_kernels.host_copy import to_device
 from vllm_hip_kernels.page_copy import copy_pages
 
-__all__ = ["PrefillStaging", "release_buffers", "step_pages"]
+__all__ = ["PrefillStaging", "release_buffers", "staged_block_table", "staged_rows", "staging_tokens", "step_pages"]
 
 _BUFFERS: dict[tuple, "PrefillStaging"] = {}
 
@@ -39,9 +42,33 @@ def release_buffers() -> None:
     _BUFFERS.clear()
 
 
+def staging_tokens(vllm_config: Any) -> int | None:
+    """Tokens the staging buffer holds per layer: the longest request plus one step's token
+    budget, which bounds what a step's prefill rows read (vLLM prefills long prompts in chunks,
+    one at a time by default, beside short ones). None when the config does not say: the buffer
+    then spans the whole KV cache."""
+    try:
+        return int(vllm_config.model_config.max_model_len) + int(
+            vllm_config.scheduler_config.max_num_batched_tokens
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def staged_rows(is_prefill: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size: int,
+                capacity: int) -> torch.Tensor:  # fmt: skip
+    """[num_reqs] bool (host): the prefill rows whose pages go to the buffer, in row order while
+    they fit ``capacity`` pages. A row left out (a step reading more than the longest request
+    and a token budget, e.g. several long prefix-cache hits at once) reads through the page
+    cache instead: slower, same values."""
+    pages = torch.where(is_prefill, (seq_lens_cpu.long() + page_size - 1) // page_size, 0)
+    return is_prefill & (torch.cumsum(pages, 0) <= capacity)
+
+
 def step_pages(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size: int) -> torch.Tensor:
     """The pages every row of the step reads: ``block_table[r, j]`` for ``j < ceil(seq_len_r /
-    page_size)``, row after row, as one int64 list on ``block_table``'s device.
+    page_size)``, row after row, as one int64 list on ``block_table``'s device (rows of length 0
+    read none).
 
     The length is known on the host (from ``seq_lens_cpu``), so nothing waits for the GPU. A
     page shared by two rows (prefix caching) appears twice; copying it twice is harmless.
@@ -59,37 +86,59 @@ def step_pages(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size:
     return block_table[row, col].long()
 
 
-class PrefillStaging:
-    """A GPU buffer shaped like one layer's KV cache ``[num_pages, 2, page, Hkv, D]``.
+def staged_block_table(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The block table of the buffer filled from :func:`step_pages` (same arguments): row r's
+    page j is buffer page ``first_r + j`` (its rows laid out one after another); 0 past a row's
+    length (never read)."""
+    n_cpu = (seq_lens_cpu.long() + page_size - 1) // page_size
+    first_cpu = torch.cumsum(n_cpu, 0) - n_cpu
+    dev = block_table.device
+    n, first = to_device(n_cpu, dev), to_device(first_cpu, dev)
+    col = torch.arange(block_table.shape[1], device=dev)
+    return torch.where(col < n[:, None], first[:, None] + col, 0).to(torch.int32)
 
-    Get it with :meth:`for_cache` (one per device, page shape and dtype, shared by the layers).
+
+class PrefillStaging:
+    """A GPU buffer of ``pages`` KV pages shaped like a layer's ``[num_pages, 2, page, Hkv, D]``.
+
+    Get it with :meth:`for_cache` (one per device, page shape, dtype and size, shared by the
+    layers).
     """
 
-    def __init__(self, like: torch.Tensor, device: torch.device):
-        self.buffer = torch.empty(like.shape, dtype=like.dtype, device=device)
+    def __init__(self, like: torch.Tensor, pages: int, device: torch.device):
+        self.buffer = torch.empty((pages, *like.shape[1:]), dtype=like.dtype, device=device)
         self.page_bytes = like[0].numel() * like.element_size()
 
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
+    @property
+    def num_pages(self) -> int:
+        return int(self.buffer.shape[0])
+
     @classmethod
-    def for_cache(cls, main: torch.Tensor) -> tuple["PrefillStaging", bool]:
-        """The buffer for caches shaped like ``main`` on its device; ``True`` when it was made
-        by this call (its bytes are then new GPU memory)."""
-        key = (main.device, tuple(main.shape), main.dtype)
+    def for_cache(cls, main: torch.Tensor, pages: int | None = None) -> tuple["PrefillStaging", bool]:
+        """The buffer of ``pages`` pages (default: as many as ``main``) for caches shaped like
+        ``main`` on its device; ``True`` when it was made by this call (its bytes are then new
+        GPU memory)."""
+        pages = int(main.shape[0]) if pages is None else pages
+        key = (main.device, tuple(main.shape[1:]), main.dtype, pages)
         made = key not in _BUFFERS
         if made:
-            _BUFFERS[key] = cls(main, main.device)
+            _BUFFERS[key] = cls(main, pages, main.device)
         return _BUFFERS[key], made
 
     def fill(self, main: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-        """Copy ``main[pages]`` (host memory) to the same pages of the buffer; returns the
-        buffer, which the kernels then read in place of ``main``."""
-        if main.shape != self.buffer.shape or main.dtype != self.buffer.dtype:
+        """Copy ``main[pages[i]]`` (host memory) to buffer page ``i``; returns the buffer, which
+        the staged launches read with :func:`staged_block_table`."""
+        if main.shape[1:] != self.buffer.shape[1:] or main.dtype != self.buffer.dtype:
             raise ValueError(
-                f"staging buffer is {tuple(self.buffer.shape)} {self.buffer.dtype}, the cache "
-                f"{tuple(main.shape)} {main.dtype}"
+                f"staging pages are {tuple(self.buffer.shape[1:])} {self.buffer.dtype}, the cache's "
+                f"{tuple(main.shape[1:])} {main.dtype}"
             )
-        copy_pages(main, self.buffer, pages, pages)
+        n = int(pages.shape[0])
+        if n > self.num_pages:
+            raise ValueError(f"{n} pages to stage, the buffer holds {self.num_pages}")
+        copy_pages(main, self.buffer, pages, torch.arange(n, device=pages.device))
         return self.buffer

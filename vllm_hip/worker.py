@@ -28,9 +28,10 @@ logger = logging.getLogger("vllm_hip")
 #: before vLLM allocates the KV cache, in the same worker process).
 _offload_requested = False
 
-#: The INFINITEHIP options of the layers that asked for offload (their GPU buffers are sized
-#: from them at start-up).
+#: The INFINITEHIP options of the layers that asked for offload and their staging buffer's
+#: tokens (their GPU buffers are sized from them at start-up).
 _offload_config: InfiniteHipConfig | None = None
+_staging_tokens: int | None = None
 
 #: Fraction of available host memory the KV store may pin (the rest keeps the OS alive).
 MAX_HOST_FRACTION = 0.9
@@ -45,11 +46,12 @@ class GpuMemoryError(MemoryError):
     """The offload buffers on the GPU (page caches, prefill staging) would not fit."""
 
 
-def request_offload(enabled: bool, config: InfiniteHipConfig | None = None) -> None:
-    global _offload_requested, _offload_config
+def request_offload(enabled: bool, config: InfiniteHipConfig | None = None,
+                    staging_tokens: int | None = None) -> None:  # fmt: skip
+    global _offload_requested, _offload_config, _staging_tokens
     _offload_requested = _offload_requested or enabled
     if enabled and config is not None:
-        _offload_config = config
+        _offload_config, _staging_tokens = config, staging_tokens
 
 
 def offload_requested() -> bool:
@@ -83,7 +85,7 @@ def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> 
             f"to at most {int(MAX_HOST_FRACTION * free)}"
         )
     if torch.device(device).type == "cuda" and _offload_config is not None:
-        check_offload_gpu_memory(kv_cache_config, device, _offload_config)
+        check_offload_gpu_memory(kv_cache_config, device, _offload_config, staging_tokens=_staging_tokens)
     host = _ops.alloc_pinned_mapped([total], torch.int8)
     host.zero_()
     view = _ops.host_device_view(host) if torch.device(device).type == "cuda" else host
@@ -105,7 +107,8 @@ def allocate_host_resident(kv_cache_config: Any, device: torch.device | str) -> 
     return out
 
 
-def offload_gpu_bytes(kv_cache_config: Any, config: InfiniteHipConfig) -> dict[str, int]:
+def offload_gpu_bytes(kv_cache_config: Any, config: InfiniteHipConfig,
+                      staging_tokens: int | None = None) -> dict[str, int]:  # fmt: skip
     """GPU bytes the backend allocates beside this host-resident KV cache (on first use):
     ``page_caches`` and ``staging`` (``offload_plan.gpu_buffer_bytes``)."""
     from vllm_hip.offload_plan import gpu_buffer_bytes
@@ -117,7 +120,8 @@ def offload_gpu_bytes(kv_cache_config: Any, config: InfiniteHipConfig) -> dict[s
         page_bytes = max(page_bytes, int(spec.page_size_bytes))
         page_tokens = int(spec.block_size)
     return gpu_buffer_bytes(layers=layers, num_pages=int(kv_cache_config.num_blocks),
-                            page_tokens=page_tokens, page_bytes=page_bytes, config=config)  # fmt: skip
+                            page_tokens=page_tokens, page_bytes=page_bytes, config=config,
+                            staging_tokens=staging_tokens)  # fmt: skip
 
 
 def check_offload_gpu_memory(
@@ -125,19 +129,21 @@ def check_offload_gpu_memory(
     device: torch.device | str,
     config: InfiniteHipConfig,
     mem_info: tuple[int, int] | None = None,
+    staging_tokens: int | None = None,
 ) -> None:
     """Refuse at start-up offload buffers that the GPU could not hold later, when the first
     request would allocate them. ``mem_info``: (free, total) bytes, default
     ``torch.cuda.mem_get_info(device)``. Raises :class:`GpuMemoryError` naming the options."""
-    need = offload_gpu_bytes(kv_cache_config, config)
+    need = offload_gpu_bytes(kv_cache_config, config, staging_tokens)
     free, total = mem_info if mem_info is not None else torch.cuda.mem_get_info(torch.device(device))
     headroom = max(GPU_HEADROOM_MIN, int(GPU_HEADROOM_FRACTION * total))
     room = free - headroom
     if sum(need.values()) <= room:
         return
     staging = (
-        f"; prefill staging (offload_prefill_staging, one layer's KV cache, which grows with "
-        f"--kv-cache-memory-bytes): {need['staging']} bytes ({_gib(need['staging'])})"
+        f"; prefill staging (offload_prefill_staging, one layer's pages of the longest request "
+        f"plus a step's tokens, --max-model-len + --max-num-batched-tokens): {need['staging']} "
+        f"bytes ({_gib(need['staging'])})"
         if need["staging"] else ""
     )  # fmt: skip
     raise GpuMemoryError(
@@ -147,7 +153,7 @@ def check_offload_gpu_memory(
         f"({_gib(need['page_caches'])}){staging}; but only {free} bytes ({_gib(free)}) of GPU "
         f"memory are free, of which {headroom} ({_gib(headroom)}) stay for activations and CUDA "
         f"graphs: lower offload_gpu_cache_tokens"
-        + (", set offload_prefill_staging to false or lower --kv-cache-memory-bytes" if need["staging"] else "")
+        + (", set offload_prefill_staging to false or lower --max-model-len" if need["staging"] else "")
     )
 
 
