@@ -768,8 +768,8 @@ def test_offload_decode_through_a_chunked_prefill_equals_the_plain_path():
 
 def test_staging_smaller_than_the_step_leaves_rows_to_the_page_cache():
     """A staging buffer too small for both prefill rows (the longest request plus a step's
-    budget, here shrunk) takes the first; the second launches with the decode rows' class and
-    reads through the page cache; outputs equal the plain path's."""
+    budget, here shrunk) takes the first; the second launches apart and reads through the page
+    cache, as decode rows do; outputs equal the plain path's."""
     from vllm_hip.prefill_staging import PrefillStaging
 
     base = small_sparse_config()
