@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from vllm_hip.config import ConfigError, InfiniteHipConfig
 
-__all__ = ["KvShape", "OffloadPlan", "gpu_buffer_bytes", "plan_offload", "main"]
+__all__ = ["KvShape", "OffloadPlan", "gpu_buffer_bytes", "main", "plan_offload", "staging_pages"]
 
 #: Bytes per stored element of vLLM's ``--kv-cache-dtype`` values.
 KV_DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
