@@ -657,7 +657,7 @@ def test_offload_prefill_staging_reads_a_gpu_copy_of_the_steps_pages():
     through the page cache, the buffer holds those pages as host memory has them (new tokens
     included), and the copy is counted in h2d bytes."""
     from vllm_hip.page_cache import shared_counters
-    from vllm_hip.prefill_staging import PrefillStaging, step_pages
+    from vllm_hip.prefill_staging import PrefillStaging, stage_layout
 
     base = small_sparse_config()
     cfg = replace(base, offload=True, offload_gpu_cache_tokens=4096)
@@ -680,7 +680,7 @@ def test_offload_prefill_staging_reads_a_gpu_copy_of_the_steps_pages():
     assert pc.counters.tolist()[:2] == [0, 0]  # no key row read through the page cache
     staging, made = PrefillStaging.for_cache(batch.kv_cache)
     assert not made  # the step made it
-    pages = step_pages(md.block_table, torch.tensor(lens), PAGE).tolist()
+    pages = stage_layout(md.block_table, torch.tensor(lens), PAGE)[0].tolist()
     assert len(pages) == sum(-(-L // PAGE) for L in lens)
     assert pages[: -(-lens[0] // PAGE)] == batch.block_table[0, : -(-lens[0] // PAGE)].tolist()
     for i, page in enumerate(pages):  # the rows' pages one after another
@@ -697,7 +697,7 @@ def test_offload_mixed_step_stages_only_prefill_rows(batch_invariant):
     copied to the staging buffer; the decode row's blocks launch apart and read through the page
     cache (its reads are counted there); the outputs equal those without offload."""
     from vllm_hip.page_cache import shared_counters
-    from vllm_hip.prefill_staging import PrefillStaging, step_pages
+    from vllm_hip.prefill_staging import PrefillStaging, stage_layout
 
     base = small_sparse_config()
     cfg = replace(base, offload=True, offload_gpu_cache_tokens=4096)
@@ -723,7 +723,7 @@ def test_offload_mixed_step_stages_only_prefill_rows(batch_invariant):
     hits, misses = pc.counters.tolist()[:2]
     assert hits + misses > 0  # the decode row read through the page cache
     staging, _ = PrefillStaging.for_cache(batch.kv_cache)
-    assert md.staged_pages.tolist() == step_pages(md.block_table, torch.tensor([600, 0]), PAGE).tolist()
+    assert md.staged_pages.tolist() == stage_layout(md.block_table, torch.tensor([600, 0]), PAGE)[0].tolist()
     assert hip_stats.get_stats().h2d_copy_bytes >= md.staged_pages.numel() * staging.page_bytes
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
 
@@ -799,23 +799,23 @@ def test_staging_smaller_than_the_step_leaves_rows_to_the_page_cache():
 
 
 def test_staged_block_table_lays_rows_out_one_after_another():
-    from vllm_hip.prefill_staging import staged_block_table, staged_rows
+    from vllm_hip.prefill_staging import stage_layout, staged_rows
 
     table = torch.tensor([[5, 9, 2, 7], [3, 1, 8, 0], [4, 6, 0, 0]], dtype=torch.int32, device=DEV)
-    got = staged_block_table(table, torch.tensor([17, 0, 9]), 8).tolist()
+    got = stage_layout(table, torch.tensor([17, 0, 9]), 8)[1].tolist()
     assert got == [[0, 1, 2, 0], [0, 0, 0, 0], [3, 4, 0, 0]]
     prefill = torch.tensor([True, False, True])
     assert staged_rows(prefill, torch.tensor([17, 900, 9]), 8, capacity=5).tolist() == [True, False, True]
     assert staged_rows(prefill, torch.tensor([17, 900, 9]), 8, capacity=4).tolist() == [True, False, False]
 
 
-def test_step_pages_lists_each_rows_pages_up_to_its_length():
-    from vllm_hip.prefill_staging import step_pages
+def test_stage_layout_lists_each_rows_pages_up_to_its_length():
+    from vllm_hip.prefill_staging import stage_layout
 
     table = torch.tensor([[5, 9, 2, 7], [3, 1, 8, 0], [4, 6, 0, 0]], dtype=torch.int32, device=DEV)
-    got = step_pages(table, torch.tensor([17, 16, 0]), 8).tolist()
+    got = stage_layout(table, torch.tensor([17, 16, 0]), 8)[0].tolist()
     assert got == [5, 9, 2, 3, 1]
-    assert step_pages(table, torch.tensor([0, 0, 0]), 8).numel() == 0
+    assert stage_layout(table, torch.tensor([0, 0, 0]), 8)[0].numel() == 0
 
 
 PROMPT = 500  # tokens of the chunked-prefill tests' prompt (pruned: more than sink + window + k)

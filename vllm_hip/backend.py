@@ -117,9 +117,9 @@ class InfiniteHipMetadata:
     """Offload, prefill steps: [num_reqs] bool (host), rows whose pages go to the staging buffer
     (``prefill_staging.staged_rows``; filled by the first layer)."""
     staged_pages: torch.Tensor | None = None
-    """Their pages, row after row (``prefill_staging.step_pages``; filled by the first layer)."""
+    """Their pages, row after row (``prefill_staging.stage_layout``; filled by the first layer)."""
     staged_block_table: torch.Tensor | None = None
-    """The staging buffer's block table for them (``prefill_staging.staged_block_table``)."""
+    """The staging buffer's block table for them (``prefill_staging.stage_layout``)."""
     mask_store: MaskStore | None = None
     """The layers' decode mask caches (the row tracker's), permuted once per step."""
     flash: Any = None
@@ -506,20 +506,21 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         """This layer's pages of the step's prefill rows in the shared GPU staging buffer
         (``vllm_hip.prefill_staging``); counted as host-to-GPU copy bytes. Decode rows are left
         out: their blocks launch apart and read through the page cache (``launch_classes``)."""
-        from vllm_hip.prefill_staging import PrefillStaging, staged_block_table, step_pages
+        from vllm_hip.prefill_staging import PrefillStaging, stage_layout
 
-        page_size = int(kv_cache.shape[2])
-        pages = staging_pages(int(kv_cache.shape[0]), page_size, self._staging_tokens)
-        staging, made = PrefillStaging.for_cache(kv_cache, pages)
+        staging, made = PrefillStaging.for_cache(kv_cache, self._staging_pages(kv_cache))
         st = hip_stats.get_stats()
         if made:
             st.gpu_cache_bytes += staging.nbytes
         if md.staged_pages is None:
             lens = torch.where(md.staged_rows, _host_lens(md), 0)
-            md.staged_pages = step_pages(md.block_table, lens, page_size)
-            md.staged_block_table = staged_block_table(md.block_table, lens, page_size)
+            md.staged_pages, md.staged_block_table = stage_layout(md.block_table, lens, int(kv_cache.shape[2]))
         st.record_h2d(int(md.staged_pages.numel()) * staging.page_bytes)
         return staging.fill(kv_cache, md.staged_pages)
+
+    def _staging_pages(self, kv_cache: torch.Tensor) -> int:
+        """Pages of the prefill staging buffer for this KV cache (``offload_plan.staging_pages``)."""
+        return staging_pages(int(kv_cache.shape[0]), int(kv_cache.shape[2]), self._staging_tokens)
 
     def _key_pages(self, page_size: int, md: InfiniteHipMetadata, idx: torch.Tensor,
                    sel: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
@@ -555,10 +556,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
 
             cfg = self.hip_config
             if cfg.offload and cfg.offload_prefill_staging and not bool(md.is_decode_row.all()):
-                page_size = int(kv_cache.shape[2])
-                cap = staging_pages(int(kv_cache.shape[0]), page_size, self._staging_tokens)
                 # prefill rows while they fit; decode rows read the page cache
-                md.staged_rows = staged_rows(~md.is_decode_row, _host_lens(md), page_size, cap)
+                md.staged_rows = staged_rows(~md.is_decode_row, _host_lens(md), int(kv_cache.shape[2]),
+                                             self._staging_pages(kv_cache))  # fmt: skip
             md.launch_classes = launch_classes(
                 md.qblocks, md.qblocks_cpu, cfg, self.batch_invariant, md.staged_rows
             )
@@ -882,7 +882,7 @@ class _KeyReads:
     value_cache: torch.Tensor
     page_cache: CachedPages | None
     block_table: torch.Tensor
-    """The step's block table, or the staging buffer's (``prefill_staging.staged_block_table``)."""
+    """The step's block table, or the staging buffer's (``prefill_staging.stage_layout``)."""
 
 
 def _fp8_view(cache: torch.Tensor, fp8: bool) -> torch.Tensor:

@@ -233,9 +233,9 @@ class InfiniteHipConfig:
     """With ``offload``: on a step with prefill rows, copy each layer's KV pages of those rows
     into one GPU buffer (shared by the layers; one layer's pages of ``--max-model-len`` plus
     ``--max-num-batched-tokens`` tokens, e.g. 2 GiB for 1M tokens of Llama-3.1-8B in fp8) and
-    attend there. Every query block of a chunk
-    samples keys of every chunk before it (stage 1), which read across PCIe costs far more
-    than one bulk copy per layer. Off: prefill reads host memory through the page cache."""
+    attend there. Every query block of a chunk samples keys of every chunk before it (stage
+    1), which read across PCIe costs far more than one bulk copy per layer. Off: prefill reads
+    host memory through the page cache."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -12,7 +12,7 @@ So on a step with prefill rows (``offload_prefill_staging``, on by default), eac
 1. writes its new keys/values to host memory (as always);
 2. copies every page of the step's prefill rows, up to each one's sequence length, from host
    memory into :class:`PrefillStaging`'s buffer, the rows one after another, with a block table
-   of the buffer for them (:func:`staged_block_table`). The buffer holds the longest request
+   of the buffer for them (:func:`stage_layout`). The buffer holds the longest request
    plus a step's token budget (:func:`staging_tokens`), not the whole KV cache;
 3. runs mask estimation and sparse attention of those rows on the buffer as on a GPU-resident
    cache. Decode rows of the same step are launched apart and read through the page cache, as
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from vllm_hip_kernels.host_copy import to_device
+from vllm_hip_kernels.host_copy import to_device_rows
 from vllm_hip_kernels.page_copy import copy_pages
 
-__all__ = ["PrefillStaging", "release_buffers", "staged_block_table", "staged_rows", "staging_tokens", "step_pages"]
+__all__ = ["PrefillStaging", "release_buffers", "stage_layout", "staged_rows", "staging_tokens"]
 
 _BUFFERS: dict[tuple, "PrefillStaging"] = {}
 
@@ -55,47 +55,45 @@ def staging_tokens(vllm_config: Any) -> int | None:
         return None
 
 
+def _page_counts(seq_lens_cpu: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Pages each row reads (int64, host): ``ceil(seq_len / page_size)``."""
+    return (seq_lens_cpu.long() + page_size - 1) // page_size
+
+
 def staged_rows(is_prefill: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size: int,
                 capacity: int) -> torch.Tensor:  # fmt: skip
     """[num_reqs] bool (host): the prefill rows whose pages go to the buffer, in row order while
     they fit ``capacity`` pages. A row left out (a step reading more than the longest request
     and a token budget, e.g. several long prefix-cache hits at once) reads through the page
     cache instead: slower, same values."""
-    pages = torch.where(is_prefill, (seq_lens_cpu.long() + page_size - 1) // page_size, 0)
+    pages = torch.where(is_prefill, _page_counts(seq_lens_cpu, page_size), 0)
     return is_prefill & (torch.cumsum(pages, 0) <= capacity)
 
 
-def step_pages(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size: int) -> torch.Tensor:
-    """The pages every row of the step reads: ``block_table[r, j]`` for ``j < ceil(seq_len_r /
-    page_size)``, row after row, as one int64 list on ``block_table``'s device (rows of length 0
-    read none).
+def stage_layout(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor,
+                 page_size: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Where the rows' pages go in the buffer, laid out one row after another:
 
-    The length is known on the host (from ``seq_lens_cpu``), so nothing waits for the GPU. A
-    page shared by two rows (prefix caching) appears twice; copying it twice is harmless.
+    - ``pages``: int64, ``block_table[r, j]`` for ``j < ceil(seq_len_r / page_size)``, row after
+      row (rows of length 0 read none), the source of buffer page ``i``;
+    - ``table``: int32, shaped like ``block_table``: row r's page j is buffer page
+      ``first_r + j``; 0 past a row's length (never read).
+
+    Both on ``block_table``'s device. The lengths are known on the host (``seq_lens_cpu``), so
+    nothing waits for the GPU. A page shared by two rows (prefix caching) is copied twice,
+    harmlessly.
     """
-    rows = int(seq_lens_cpu.shape[0])
-    n_cpu = (seq_lens_cpu.long() + page_size - 1) // page_size
+    n_cpu = _page_counts(seq_lens_cpu, page_size)
     total = int(n_cpu.sum())
     dev = block_table.device
-    if total == 0:
-        return torch.empty(0, dtype=torch.int64, device=dev)
-    n = to_device(n_cpu, dev)
-    row = torch.repeat_interleave(torch.arange(rows, device=dev), n, output_size=total)
-    first = torch.cumsum(n, 0) - n
-    col = torch.arange(total, device=dev) - first[row]
-    return block_table[row, col].long()
-
-
-def staged_block_table(block_table: torch.Tensor, seq_lens_cpu: torch.Tensor, page_size: int) -> torch.Tensor:
-    """The block table of the buffer filled from :func:`step_pages` (same arguments): row r's
-    page j is buffer page ``first_r + j`` (its rows laid out one after another); 0 past a row's
-    length (never read)."""
-    n_cpu = (seq_lens_cpu.long() + page_size - 1) // page_size
-    first_cpu = torch.cumsum(n_cpu, 0) - n_cpu
-    dev = block_table.device
-    n, first = to_device(n_cpu, dev), to_device(first_cpu, dev)
+    n, first = to_device_rows([n_cpu, torch.cumsum(n_cpu, 0) - n_cpu], dev)
     col = torch.arange(block_table.shape[1], device=dev)
-    return torch.where(col < n[:, None], first[:, None] + col, 0).to(torch.int32)
+    table = torch.where(col < n[:, None], first[:, None] + col, 0).to(torch.int32)
+    if total == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev), table
+    row = torch.repeat_interleave(torch.arange(n.shape[0], device=dev), n, output_size=total)
+    pages = block_table[row, torch.arange(total, device=dev) - first[row]].long()
+    return pages, table
 
 
 class PrefillStaging:
@@ -131,7 +129,7 @@ class PrefillStaging:
 
     def fill(self, main: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         """Copy ``main[pages[i]]`` (host memory) to buffer page ``i``; returns the buffer, which
-        the staged launches read with :func:`staged_block_table`."""
+        the staged launches read with :func:`stage_layout`'s table."""
         if main.shape[1:] != self.buffer.shape[1:] or main.dtype != self.buffer.dtype:
             raise ValueError(
                 f"staging pages are {tuple(self.buffer.shape[1:])} {self.buffer.dtype}, the cache's "
