@@ -138,15 +138,6 @@ def test_device_lru_batches_dedupes_and_never_evicts_the_current_call():
         assert torch.equal(pc.kv[slot], main[page])
 
 
-def test_cache_slot_mapping_mirrors_only_cached_pages():
-    main = torch.zeros(10, 2, 4, 1, 8, device=DEV)
-    pc = DevicePageCache(main, capacity=2)
-    pc.admit(torch.tensor([7], device=DEV))
-    slot = pc.resident_pages()[7]
-    sm = torch.tensor([-1, 7 * 4 + 3, 2 * 4 + 1], device=DEV)
-    assert pc.cache_slot_mapping(sm).tolist() == [-1, slot * 4 + 3, -1]
-
-
 def test_bad_construction():
     with pytest.raises(ValueError, match="num_pages, 2, page_size"):
         DevicePageCache(torch.zeros(4, 4, 1, 8), 2)

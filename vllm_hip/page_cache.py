@@ -393,17 +393,6 @@ class DevicePageCache:
         return self.stack._tick
 
     # ------------------------------------------------------------------ writes
-    def cache_slot_mapping(self, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Slots of the GPU cache that mirror ``slot_mapping`` (token slots of the main cache,
-        -1 = padding): the same offset in the page's cache slot, -1 where the page is not cached.
-        (:meth:`mirror_new_tokens` copies the rows in one launch instead.)"""
-        sm = slot_mapping.long()
-        ok = sm >= 0
-        page = torch.where(ok, sm // self.page_size, self.num_pages)
-        slot = self.slot_of_page[page].long()
-        hit = ok & (slot >= 0)
-        return torch.where(hit, slot * self.page_size + sm % self.page_size, -1)
-
     def mirror_new_tokens(self, slot_mapping: torch.Tensor) -> None:
         """Write-through: the key/value rows just written to host memory at ``slot_mapping``
         copied to their pages' cache slots where cached, so a cached page never goes stale (also
