@@ -67,7 +67,7 @@ def copy_pages(
     n = src_idx.shape[0]
     if n == 0:
         return
-    if dst.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not _run_kernels_here(dst):
         copy_pages_reference(src, dst, src_idx, dst_idx)
         return
     s, d = _widest_views(src, dst)
@@ -204,18 +204,7 @@ class RowMirror:
             raise ValueError("token rows must be contiguous")
         self.main, self.cache = main, cache
         self.on_device = _run_kernels_here(cache)
-        size = main.element_size()
-        row_bytes = main[0, 0, 0].numel() * size
-        views = None
-        for wide in (8, 4, 2, 1):
-            if wide < size or row_bytes % wide:
-                continue
-            try:
-                views = main.view(_INT_OF_SIZE[wide]), cache.view(_INT_OF_SIZE[wide])
-                break
-            except RuntimeError:  # a storage offset or stride the wider type cannot express
-                continue
-        ms, cs = views if views is not None else (main, cache)
+        ms, cs = _widest_views(main, cache)
         self.args = (
             ms, cs, ms.stride(0), ms.stride(1), ms.stride(2), cs.stride(0), cs.stride(1),
             cs.stride(2), int(main.shape[2]), ms[0, 0, 0].numel(),
