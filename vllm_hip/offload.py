@@ -36,6 +36,8 @@ from collections.abc import Iterable
 
 import torch
 
+from vllm_hip_kernels.host_copy import to_device_rows
+
 from vllm_hip import _ops
 
 __all__ = [
@@ -590,9 +592,9 @@ class GpuBlockCache:
         if self.device.type != "cuda":
             self.page_table[pages] = slots.to(torch.int32)
             return
-        # One small pinned upload; the host allocator keeps it alive until the copy ran.
-        packed = torch.stack([pages, slots]).pin_memory().to(self.device, non_blocking=True)
-        self.page_table[packed[0]] = packed[1].to(torch.int32)
+        # One small pinned upload (host_copy): no wait for the GPU.
+        pages, slots = to_device_rows([pages, slots], self.device)
+        self.page_table[pages] = slots.to(torch.int32)
 
 
 def combined_stats(caches: Iterable[GpuBlockCache], sync: bool = False) -> dict[str, int | float]:
