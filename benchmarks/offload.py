@@ -64,9 +64,9 @@ def write_shape(shape: str, folder: str, min_positions: int = 0) -> str:
 
 
 def kv_bytes_per_token(shape: str, kv_bytes: int) -> int:
-    c = SHAPES[shape]
-    head_dim = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
-    return c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * head_dim * kv_bytes
+    from vllm_hip.offload_plan import KvShape
+
+    return KvShape.from_hf_config(SHAPES[shape]).bytes_per_token(kv_bytes)
 
 
 # ---------------------------------------------------------------------------------- worker

@@ -158,8 +158,9 @@ def _gib(n: float) -> str:
 def _machine() -> dict[str, int | None]:
     """Host bytes the KV store may pin and free GPU bytes (None: no GPU)."""
     from vllm_hip.offload import available_host_bytes
+    from vllm_hip.worker import MAX_HOST_FRACTION
 
-    host = int(0.9 * available_host_bytes())  # the worker's MAX_HOST_FRACTION
+    host = int(MAX_HOST_FRACTION * available_host_bytes())
     gpu_free = gpu_total = None
     try:
         import torch
