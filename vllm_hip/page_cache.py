@@ -39,7 +39,7 @@ from collections import deque
 
 import torch
 
-from vllm_hip_kernels.cached_pages import COUNTER_SLOTS, CachedPages
+from vllm_hip_kernels.cached_pages import COUNTER_SLOTS
 from vllm_hip_kernels.host_copy import to_device
 from vllm_hip_kernels.page_copy import RowMirror, copy_layer_pages, layer_offsets
 
@@ -377,12 +377,6 @@ class DevicePageCache:
     @property
     def last_use(self) -> torch.Tensor:
         return self.stack.last_use[self.layer]
-
-    @property
-    def view(self) -> CachedPages:
-        """What the kernels take as ``page_cache`` (sparse attention and mask estimation)."""
-        key, value = self.kv.unbind(1)
-        return CachedPages(self.slot_of_page, key, value, self.counters)
 
     @property
     def nbytes(self) -> int:
