@@ -283,11 +283,17 @@ def plot(records: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for b in sorted({r["backend"] for r in records}):
+    shapes = {r.get("model_shape") for r in records}
+    for b, shape in sorted({(r["backend"], r.get("model_shape")) for r in records}, key=str):
         pts = sorted((r["context_tokens"], r["value"]) for r in records
-                     if r["backend"] == b and r["metric"] == "decode_tokens_per_s")
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+                     if r["backend"] == b and r.get("model_shape") == shape
+                     and r["metric"] == "decode_tokens_per_s")
+        if pts:  # one line per backend and, when the records mix model shapes, per shape
+            label = b if len(shapes) == 1 else f"{b} ({shape})"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            for x, y in pts:
+                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context tokens")
     ax.set_ylabel("decode tokens/s (batch 1)")
@@ -323,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--merge", nargs="+", default=None,
-                    help="combine result files of separate runs (e.g. one per backend) into --out/--plot")
+                    help="combine result files of separate runs (e.g. one per backend) into --out/--plot; "
+                         "FILE:NOTE adds NOTE to that file's records")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--contexts", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -332,13 +339,20 @@ def main(argv=None) -> int:
     if args.backend:
         return worker(args)
     if args.merge:
-        records = [r for path in args.merge for r in json.load(open(path))]
+        records = []
+        for spec in args.merge:
+            # FILE or FILE:NOTE (the NOTE goes into that file's records, e.g. how it was run)
+            path, _, note = spec.partition(":")
+            for r in json.load(open(path)):
+                if note:
+                    r["note"] = f"{r['note']}; {note}" if r.get("note") else note
+                records.append(r)
         _add_ratios(records)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)
         if args.plot:
-            plot(records, args.plot, f"{records[0].get('model_shape', '')} shape, batch 1")
+            plot(records, args.plot, f"{args.kv_cache_dtype} KV, batch 1, one GPU")
         return 0
     if not args.backend_contexts:
         args.backend_contexts = ["INFINITEHIP=131072,262144", "FLASH_ATTN=131072"]
@@ -401,12 +415,23 @@ def main(argv=None) -> int:
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """decode tokens/s of each backend relative to FLASH_ATTN at the same context."""
-    fa = {r["context_tokens"]: r["value"] for r in records
-          if r["backend"] == "FLASH_ATTN" and r["metric"] == "decode_tokens_per_s"}
+    """decode tokens/s of each backend relative to FLASH_ATTN of the same model shape: at the
+    same context where FLASH_ATTN ran it, and at the longest context FLASH_ATTN served (the
+    comparison for contexts it cannot hold)."""
+    fa: dict[tuple, float] = {}
     for r in records:
-        if r["metric"] == "decode_tokens_per_s" and r["backend"] != "FLASH_ATTN" and r["context_tokens"] in fa:
-            r["ratio_vs_flash_attn"] = r["value"] / fa[r["context_tokens"]]
+        if r["backend"] == "FLASH_ATTN" and r["metric"] == "decode_tokens_per_s":
+            fa[(r.get("model_shape"), r["context_tokens"])] = r["value"]
+    for r in records:
+        if r["metric"] != "decode_tokens_per_s" or r["backend"] == "FLASH_ATTN":
+            continue
+        shape = r.get("model_shape")
+        if (shape, r["context_tokens"]) in fa:
+            r["ratio_vs_flash_attn"] = r["value"] / fa[(shape, r["context_tokens"])]
+        longest = max((n for s, n in fa if s == shape), default=None)
+        if longest is not None and longest < r["context_tokens"]:
+            r["flash_attn_longest_context"] = longest
+            r["ratio_vs_flash_attn_longest"] = r["value"] / fa[(shape, longest)]
 
 
 if __name__ == "__main__":
