@@ -308,7 +308,8 @@ async def f_malformed_json(ctx: Ctx) -> Outcome:
     if "a list: 500" in out.observed:
         # Still a failure (a client error answered as a server error), but not the backend's:
         # vLLM 0.26.0's CompletionRequest validator calls data.get() before checking the type.
-        out.observed += " (vLLM API layer: check_cache_salt_support on a non-object body)"
+        out.observed += (" (vLLM API layer: check_cache_salt_support on a non-object body; "
+                         "serve with --middleware vllm_hip.http_guard.JsonObjectBody)")
     return out
 
 

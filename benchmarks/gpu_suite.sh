@@ -106,7 +106,7 @@ run_faults() {
   # seventh session's burst preempted 4 times, and 3 of 3 differed outside that mode).
   timeout -k 10 "$(left)" python3 benchmarks/fault_test.py --launch --model "$SMOLLM2" --backends INFINITEHIP \
       --batch-invariant --pressure-requests 12 --pressure-prompt-tokens 3000 --pressure-new-tokens 512 --pressure-verify 3 \
-      --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager" \
+      --server-args "--max-model-len 8192 --gpu-memory-utilization 0.05 --kv-cache-memory-bytes 300000000 --enforce-eager --middleware vllm_hip.http_guard.JsonObjectBody" \
       --port 8132 --log-dir "$OUT" --out "$OUT/fault.json" >"$OUT/fault.log" 2>&1
   timeout -k 10 120 python3 -m vllm.entrypoints.cli.main serve "$SMOLLM2" --attention-backend INFINITEHIP \
       --port 8133 --gpu-memory-utilization 0.05 --enforce-eager --kv-cache-memory-bytes 4000000000000 \

@@ -82,8 +82,9 @@ class PagedBatch:
         kc, vc = self.kv_cache.unbind(1)
         write_kv_cache(self.k[i][:upto], self.v[i][:upto], kc, vc, self.slots(i, 0, upto), "auto", layer)
 
-    def step(self, cfg, spans, tracker=None, step_id=1, decode_rows=()):
-        """Metadata + packed q/k/v for new tokens ``spans[i] = (lo, hi)`` of sequence ``order[i]``."""
+    def step(self, cfg, spans, tracker=None, step_id=1, decode_rows=(), around=contextlib.nullcontext):
+        """Metadata + packed q/k/v for new tokens ``spans[i] = (lo, hi)`` of sequence ``order[i]``
+        (``around``: a context manager for the builder's call alone)."""
         order = [s[0] for s in spans]
         q = torch.cat([self.q[i][lo:hi] for i, lo, hi in spans])
         k = torch.cat([self.k[i][lo:hi] for i, lo, hi in spans])
@@ -94,22 +95,22 @@ class PagedBatch:
         seq_lens = torch.tensor([hi for _, _, hi in spans], dtype=torch.int32)
         slot = torch.cat([self.slots(i, lo, hi) for i, lo, hi in spans])
         prefilling = torch.tensor([r not in decode_rows for r in range(len(spans))])
-        md = build_metadata(
-            cfg,
-            query_start_loc=qsl.to(DEV),
-            query_start_loc_cpu=qsl,
-            seq_lens=seq_lens.to(DEV),
-            seq_lens_cpu=seq_lens.long(),
-            block_table=self.block_table[order],
-            slot_mapping=slot,
-            positions=None,
-            is_prefilling_cpu=prefilling,
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            page_size=PAGE,
-            tracker=tracker,
-            step_id=step_id,
-        )
+        args = dict(query_start_loc=qsl.to(DEV), seq_lens=seq_lens.to(DEV), block_table=self.block_table[order])
+        with around():
+            md = build_metadata(
+                cfg,
+                query_start_loc_cpu=qsl,
+                seq_lens_cpu=seq_lens.long(),
+                slot_mapping=slot,
+                positions=None,
+                is_prefilling_cpu=prefilling,
+                max_query_len=int(q_lens.max()),
+                max_seq_len=int(seq_lens.max()),
+                page_size=PAGE,
+                tracker=tracker,
+                step_id=step_id,
+                **args,
+            )
         return md, q, k, v
 
 

@@ -855,7 +855,7 @@ class _DevicePlan:
             # which blocks' state is saved is decided over the whole stage group (a prefill
             # row's last block may sit in another launch class than its other blocks)
             to_store = torch.zeros(stage_idx.numel(), dtype=torch.bool)
-            to_store[_blocks_to_store(plan, stage_idx)] = True
+            to_store.index_fill_(0, _blocks_to_store(plan, stage_idx), True)
             for kind in classes:
                 mine = kind.contains(stage_idx)
                 if not bool(mine.any()):

@@ -26,6 +26,9 @@ def _has_gpu() -> bool:
         return False
 
 
+JSON_GUARD = "vllm_hip.http_guard.JsonObjectBody"
+
+
 def serve_command(args: list[str]) -> list[str]:
     """The ``vllm serve`` command line for ``vllm-hip serve ARGS``."""
     if not args or args[0].startswith("-"):
@@ -37,6 +40,8 @@ def serve_command(args: list[str]) -> list[str]:
         rest += ["--attention-backend", "INFINITEHIP"]
     if not any(a == "--max-model-len" or a.startswith("--max-model-len=") for a in rest):
         rest += ["--max-model-len", "131072"]
+    if JSON_GUARD not in rest and f"--middleware={JSON_GUARD}" not in rest:
+        rest += ["--middleware", JSON_GUARD]  # a non-object JSON body: 400, not vLLM's 500
     vllm = shutil.which("vllm")
     prefix = [vllm] if vllm else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
     return prefix + ["serve", model] + rest

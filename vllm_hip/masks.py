@@ -267,7 +267,10 @@ class LayerMaskCache:
             dst[1][rows] = count
         _put_rows(self.sel, rows, sel)
         self.sel_count[rows] = sel_count
-        self.valid[rows] = True
+        # index_fill_, not ``valid[rows] = True``: a Python scalar assigned through a device
+        # index tensor is first copied to the GPU from pageable memory, a blocking copy (the
+        # host then waits for every kernel queued so far, once per layer and refresh).
+        self.valid.index_fill_(0, rows, True)
 
 
 def _put_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
@@ -277,7 +280,7 @@ def _put_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
     if w == dst.shape[1]:
         dst[rows] = src[:, :w]
         return
-    dst[rows] = -1
+    dst.index_fill_(0, rows, -1)  # not dst[rows] = -1, which waits for the GPU (see store)
     dst[rows, :w] = src[:, :w]
 
 

@@ -250,7 +250,10 @@ class PageCacheStack:
         victim = torch.where(take, victim, cap)
         old = self.page_of_slot[rows, victim]
         newly_filled = take & (old < 0)
-        self.slot_of_page[rows, torch.where(take & (old >= 0), old, num_pages)] = -1
+        # Evicted pages leave the table: index_fill_ on the flat table, because assigning a
+        # Python scalar through index tensors copies it to the GPU blocking (a host wait).
+        evicted = torch.where(take & (old >= 0), old, num_pages)
+        self.slot_of_page.view(-1).index_fill_(0, (rows * self.slot_of_page.stride(0) + evicted).flatten(), -1)
         self.slot_of_page[rows, torch.where(take, p_safe, num_pages)] = victim.to(torch.int32)
         self.slot_of_page[:, num_pages] = -1
         self.page_of_slot[rows, victim] = torch.where(take, p_safe, -1)

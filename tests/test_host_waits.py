@@ -1,0 +1,149 @@
+"""A serving step never makes the host wait for the GPU.
+
+Attention runs eagerly between vLLM's CUDA graphs, once per layer: one operation that waits for
+the GPU (a blocking copy, ``.item()``) makes the host sit out every kernel queued before it, and
+the next layer's launches start late. A handful of them per step kept the GPU of the 1M-token
+offload benchmark idle for most of each decode step (8.5 stream synchronizations a step, every
+one behind a Python scalar assigned through an index tensor, which PyTorch copies to the GPU
+from pageable memory).
+
+On a GPU, PyTorch's sync debug mode turns any such wait into an error. On CPU the same steps run
+under a dispatch mode that refuses the pattern that caused them: ``index_put`` of a 0-dim value
+through integer index tensors (``t[idx] = 1``); ``index_fill_`` or a full-size value does not
+copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("vllm")
+
+from test_backend import DEV, FakeLayer, PagedBatch, make_impl, run_impl, small_sparse_config  # noqa: E402
+from vllm_hip import stats as hip_stats  # noqa: E402
+from vllm_hip.masks import RowTracker  # noqa: E402
+from vllm_hip.page_cache import PageCacheStack, shared_counters  # noqa: E402
+from vllm_hip.prefill_staging import release_buffers  # noqa: E402
+
+_INDEX_PUTS = {torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+               torch.ops.aten._index_put_impl_.default}  # fmt: skip
+
+
+class ScalarIndexPuts(TorchDispatchMode):
+    """Records ``index_put`` calls of a Python scalar (a 0-dim tensor made for the call) through
+    indices that are not all boolean masks (a mask goes to ``masked_fill_``, which takes the
+    scalar on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INDEX_PUTS:
+            indices, values = args[1], args[2]
+            masks_only = all(i is None or i.dtype == torch.bool for i in indices)
+            # (Python's t[idx] = x also hands over a one-element tensor x as a 0-dim *view*:
+            # that one already lives on the device.)
+            if values.dim() == 0 and not values._is_view() and not masks_only:
+                self.found.append(f"{_caller()}: {func} of {values.item()!r} into {tuple(args[0].shape)}")
+        return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    """The innermost frame of the package's code (where the assignment is written)."""
+    frames = [f for f in traceback.extract_stack() if "/vllm_hip" in f.filename or "/triton_kernels/" in f.filename]
+    return f"{frames[-1].filename.rsplit('/', 2)[-2:]}:{frames[-1].lineno}" if frames else "?"
+
+
+@contextlib.contextmanager
+def no_host_waits(found: list[str]):
+    """Watch one step's host work: on a GPU every synchronizing call raises; everywhere the
+    scalar index_puts are recorded into ``found``."""
+    mode = ScalarIndexPuts()
+    sync = torch.cuda.is_available()
+    if sync:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with mode:
+            yield
+    finally:
+        if sync:
+            torch.cuda.set_sync_debug_mode("default")
+        found += mode.found
+
+
+def _serve(cfg, batch_invariant=False, watch=True):
+    """Two layers through a decode step, a mixed step (row 1's prompt chunk beside row 0's
+    decode) and decode steps that refresh and reuse their masks; with offload, a page cache
+    too small for a row's key list (admissions evict)."""
+    hip_stats.reset_stats()
+    release_buffers()
+    PageCacheStack.release_shared()
+    shared_counters(DEV).zero_()
+    hq, hkv, d = 4, 2, 64
+    batch = PagedBatch([620, 530], hq, hkv, d, torch.float32, seed=13, num_pages=120)
+    layers = [FakeLayer(3), FakeLayer(4)]
+    impls = []
+    for _ in layers:
+        impl = make_impl(cfg, hq, hkv, d)
+        impl.batch_invariant = batch_invariant
+        impls.append(impl)
+    tracker = RowTracker(num_pages=120, max_rows=4, device=torch.device(DEV))
+    for layer in layers:
+        batch.prefill_context(0, 580, layer)
+    found: list[str] = []
+    around = (lambda: no_host_waits(found)) if watch else contextlib.nullcontext
+
+    def step(spans, step_id, decode_rows):
+        md, q, k, v = batch.step(cfg, spans, tracker=tracker, step_id=step_id, decode_rows=decode_rows,
+                                 around=around)  # fmt: skip
+        for impl, layer in zip(impls, layers):
+            with around():
+                run_impl(impl, layer, batch, md, q, k, v)
+
+    step([(0, 580, 600)], 1, ())
+    pos = 600
+    for t, (lo, hi) in enumerate([(0, 200), (200, 400), (400, 520)]):
+        step([(0, pos, pos + 1), (1, lo, hi)], 2 + t, (0,))
+        pos += 1
+    for t in range(4):
+        step([(0, pos, pos + 1), (1, 520 + t, 521 + t)], 5 + t, (0, 1))
+        pos += 1
+    return found
+
+
+@pytest.mark.parametrize(
+    "options,batch_invariant",
+    [({}, False), ({"offload": True, "offload_gpu_cache_tokens": 160}, False),
+     ({"offload": True, "offload_gpu_cache_tokens": 4096}, True)],
+    ids=["plain", "offload-evicting", "offload-batch-invariant"],
+)  # fmt: skip
+def test_serving_steps_never_wait_for_the_gpu(options, batch_invariant):
+    cfg = replace(small_sparse_config(refresh=(2, 1)), **options)
+    if torch.cuda.is_available():
+        _serve(cfg, batch_invariant, watch=False)  # compile every kernel first, unwatched
+    found = _serve(cfg, batch_invariant)
+    assert not found, "scalar assigned through index tensors (a blocking copy on a GPU):\n" + "\n".join(found)
+
+
+def test_the_watch_sees_a_scalar_index_put():
+    """The check itself: ``t[idx] = -1`` is seen, ``index_fill_`` and a mask are not."""
+    t = torch.zeros(8, dtype=torch.int32)
+    idx = torch.tensor([1, 3])
+    mode = ScalarIndexPuts()
+    with mode:
+        t.index_fill_(0, idx, -1)
+        t[t > 5] = 2
+        t[idx] = torch.tensor([4, 5], dtype=torch.int32)
+        t[idx[:1]] = torch.tensor([7], dtype=torch.int32)  # a one-element tensor: a 0-dim view
+    assert mode.found == []
+    with mode:
+        t[idx] = -1
+    assert len(mode.found) == 1 and "index_put" in mode.found[0]
