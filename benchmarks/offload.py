@@ -154,6 +154,11 @@ def worker(args) -> int:
         if len(steady) >= 3:
             rec["decode_tokens_per_s"] = (len(steady) - 1) / (steady[-1] - steady[0])
             rec["decode_tokens"] = len(steady)
+            # Token-to-token times: mask-refresh steps (every few tokens) against reuse steps.
+            gaps = sorted(b - a for a, b in zip(steady, steady[1:]))
+            for q in (50, 90):
+                rec[f"decode_step_ms_p{q}"] = 1e3 * gaps[min(len(gaps) - 1, len(gaps) * q // 100)]
+            rec["decode_step_ms_max"] = 1e3 * gaps[-1]
         if profiled:
             rec.update(profiled)
         if base is not None:
@@ -251,7 +256,8 @@ def records_from(backend: str, lines: list[dict], device: str, command: str, sha
             rec("prefill_s", n, r["prefill_s"], "s")
         if "decode_tokens_per_s" in r:
             rec("decode_tokens_per_s", n, r["decode_tokens_per_s"], "tokens/s",
-                decode_tokens=r["decode_tokens"])
+                decode_tokens=r["decode_tokens"],
+                **{k: r[k] for k in ("decode_step_ms_p50", "decode_step_ms_p90", "decode_step_ms_max") if k in r})
         if "gpu_time_per_step_ms" in r:
             rec("decode_step_gpu_ms", n, r["gpu_time_per_step_ms"], "ms",
                 kernels_per_step=r["kernels_per_step"], profiled_steps=r["profiled_decode_steps"],

@@ -69,9 +69,14 @@ def test_offload_records_rates_ratios_and_plot(tmp_path):
              mask_estimation_cache_queries=400, mask_estimation_cache_hits=100,
              kv_gpu_bytes=1 << 30, dense_kv_bytes=8 << 30),
         dict(context=1048576, error="not reached (worker exit: timeout)"),
+        dict(context=2097152, prefill_s=90.0, decode_tokens_per_s=10.0, decode_tokens=48,
+             decode_step_ms_p50=90.0, decode_step_ms_p90=150.0, decode_step_ms_max=170.0,
+             dense_kv_bytes=128 << 30),
     ]
     fa = [dict(context=131072, prefill_s=20.0, decode_tokens_per_s=20.0, decode_tokens=48,
-               dense_kv_bytes=8 << 30)]
+               dense_kv_bytes=8 << 30),
+          dict(context=262144, prefill_s=50.0, decode_tokens_per_s=5.0, decode_tokens=48,
+               dense_kv_bytes=16 << 30)]
     recs = offload.records_from("INFINITEHIP", hip, "D", "c", "llama-3.1-8b")
     recs += offload.records_from("FLASH_ATTN", fa, "D", "c", "llama-3.1-8b")
     offload._add_ratios(recs)
@@ -83,7 +88,11 @@ def test_offload_records_rates_ratios_and_plot(tmp_path):
     assert by[("INFINITEHIP", "kv_gpu_bytes", "", 131072)]["fraction_of_dense"] == 0.125
     assert by[("INFINITEHIP", "decode_tokens_per_s", "", 131072)]["ratio_vs_flash_attn"] == 1.5
     assert by[("INFINITEHIP", "served", "", 1048576)]["value"] == 0  # a failure is not a number
-    assert by[("INFINITEHIP", "max_context_tokens", "", 131072)]["value"] == 131072
+    assert by[("INFINITEHIP", "max_context_tokens", "", 2097152)]["value"] == 2097152
+    # beyond FLASH_ATTN's longest context: the ratio against that one, named
+    at_2m = by[("INFINITEHIP", "decode_tokens_per_s", "", 2097152)]
+    assert at_2m["flash_attn_longest_context"] == 262144 and at_2m["ratio_vs_flash_attn_longest"] == 2.0
+    assert "ratio_vs_flash_attn" not in at_2m and at_2m["decode_step_ms_p90"] == 150.0
     png = tmp_path / "o.png"
     offload.plot(recs, str(png), "t")
     assert png.read_bytes()[:4] == b"\x89PNG"
