@@ -241,15 +241,44 @@ def test_decode_mask_cache_follows_rows_and_refresh_schedule():
         prev_order = order
         out = run_impl(impl, layer, batch, md, q, k, v)
         cache = impl._mask_cache
+        phase = cfg.refresh_phase(9)  # the layer's shift of the schedule (stagger_refresh)
         for row, i in enumerate(order):
-            pos = lens0[i] + t
+            pos = lens0[i] + t + phase
             sel = cache.sel[row, : int(cache.sel_count[row])].tolist()
-            if pos % 2 != 0:  # no stage due: the row's previous selection, moved with the row
+            if pos % 2 != 0 and i in last_sel:  # no stage due: the previous selection, moved
                 assert sel == last_sel[i], (t, i)
             last_sel[i] = sel
         assert not torch.isnan(out).any()
     # At a full-refresh position the selection equals a from-scratch reference run.
-    assert any((lens0[i] + t) % 4 == 0 for i in range(2) for t in range(steps))
+    assert any((lens0[i] + t + phase) % 4 == 0 for i in range(2) for t in range(steps))
+
+
+@pytest.mark.parametrize("stagger", [True, False])
+def test_staggered_refresh_spreads_the_first_stage_over_steps(stagger):
+    """stagger_refresh: with the first stage due every 2 steps, layers 0 and 1 rerun it on
+    alternate steps (one layer a step) instead of both on the same steps; each layer still
+    reruns it every 2 steps."""
+    cfg = replace(small_sparse_config(refresh=(2, 1)), stagger_refresh=stagger)
+    hq, hkv, d = 4, 2, 64
+    L = 600
+    batch = PagedBatch([L + 6], hq, hkv, d, torch.float32, seed=2, num_pages=60)
+    layers = [FakeLayer(0), FakeLayer(1)]
+    impls = [make_impl(cfg, hq, hkv, d) for _ in layers]
+    tracker = RowTracker(num_pages=60, max_rows=4, device=torch.device(DEV))
+    for layer in layers:
+        batch.prefill_context(0, L - 20, layer)
+    md, q, k, v = batch.step(cfg, [(0, L - 20, L)], tracker=tracker, step_id=1)
+    for impl, layer in zip(impls, layers):
+        run_impl(impl, layer, batch, md, q, k, v)
+    per_step = []
+    for t in range(6):
+        before = list(hip_stats.get_stats().stage_refreshes) or [0]
+        md, q, k, v = batch.step(cfg, [(0, L + t, L + t + 1)], tracker=tracker, step_id=2 + t, decode_rows=(0,))
+        for impl, layer in zip(impls, layers):
+            assert not torch.isnan(run_impl(impl, layer, batch, md, q, k, v)).any()
+        per_step.append(hip_stats.get_stats().stage_refreshes[0] - before[0])
+    assert sum(per_step) == 6  # each of the 2 layers every other step, either way
+    assert per_step == ([1] * 6 if stagger else [2, 0] * 3 if L % 2 == 0 else [0, 2] * 3), per_step
 
 
 def test_mask_cache_grows_when_a_batch_has_more_rows_than_the_first():
@@ -324,7 +353,7 @@ def test_mask_cache_follows_requests_through_a_changing_batch():
         for row, (i, lo, hi) in enumerate(spans):
             sel = cache.sel[row, : int(cache.sel_count[row])].tolist()
             if i not in prefill:
-                pos = lo
+                pos = lo + cfg.refresh_phase(5)  # the layer's shift of the schedule
                 if pos % 2 and pos % 4 and i in last_sel:  # no stage due: reused
                     assert sel == last_sel[i], (t, i)
                     reused += 1
@@ -961,10 +990,11 @@ def test_batch_invariant_classes_keep_the_prompt_end_state_for_decode():
     cfg = small_sparse_config(refresh=(4, 2))
     hq, hkv, d = 4, 2, 64
     n = 401  # the first decode position, 401, is due for no stage: it reuses the prompt's state
+    assert cfg.refresh_phase(4) == 0  # (layer 4's schedule is not shifted)
     outs = {}
     for invariant in (False, True):
         batch = PagedBatch([n + 2], hq, hkv, d, torch.float32, seed=11)
-        layer = FakeLayer(3)
+        layer = FakeLayer(4)
         impl = make_impl(cfg, hq, hkv, d)
         impl.batch_invariant = invariant
         with prefill_lens.publishing([n]):

@@ -112,6 +112,7 @@ def valid_options(draw, selection: bool | None = None) -> dict:
         "align_prefill_chunks": draw(st.booleans()),
         "block_size_k": bk,
         "refresh": draw(st.sampled_from(sorted(REFRESH_PRESETS))),
+        "stagger_refresh": draw(st.booleans()),
         "stages": stages,
         "rope_mode": draw(st.sampled_from(["streaming", "model"])),
         "rope_cache": draw(st.sampled_from(["rotated", "unrotated"])),
@@ -155,6 +156,10 @@ def check_invariants(c: InfiniteHipConfig) -> None:
     refresh = [s.refresh_interval for s in c.stages]
     # Tokens generated between two refreshes of any stage are still inside the window.
     assert all(a >= b for a, b in zip(refresh, refresh[1:])) and 1 <= refresh[0] <= c.window_tokens
+    # A layer's refresh phase shifts its schedule by less than one longest interval.
+    for layer in (0, 1, 7, 100):
+        phase = c.refresh_phase(layer)
+        assert phase == 0 if not c.stagger_refresh else 0 <= phase < refresh[0]
     assert all(_is_pow2(s.query_pool) and s.query_pool <= c.block_size_q for s in c.stages)
     for layer in layers:
         keep = [c.stage_keep_tokens(i, layer) for i in range(len(c.stages))]
@@ -227,7 +232,7 @@ def one_bad_field(draw):
                    "early_selected_tokens", "early_layers", "decode_splits", "block_size_q",
                    "block_size_k", "rope_mode", "rope_cache", "score_norm", "allow_long_context", "export_metrics", "offload",
                    "split_last_query", "align_prefill_chunks", "offload_prefill_staging",
-                   "offload_gpu_cache_tokens", "unknown",
+                   "stagger_refresh", "offload_gpu_cache_tokens", "unknown",
                    "stages"]  # fmt: skip
     kind = draw(st.sampled_from(choices))
     simple = {
@@ -250,6 +255,7 @@ def one_bad_field(draw):
         "split_last_query": NOT_BOOL,
         "align_prefill_chunks": NOT_BOOL,
         "offload_prefill_staging": NOT_BOOL,
+        "stagger_refresh": NOT_BOOL,
     }
     if kind in simple:
         value = draw(simple[kind])
@@ -404,6 +410,7 @@ FIELD_VALUES = {
     "split_last_query": (st.booleans(), NOT_BOOL),
     "align_prefill_chunks": (st.booleans(), NOT_BOOL),
     "offload_prefill_staging": (st.booleans(), NOT_BOOL),
+    "stagger_refresh": (st.booleans(), NOT_BOOL),
     "offload_gpu_cache_tokens": (GOOD_TOKENS, BAD_TOKENS),
     "stages": (
         st.lists(STAGE, max_size=4).map(lambda l: sorted(l, key=lambda s: -s["chunk_size"])),

@@ -96,9 +96,12 @@ class InfiniteHipMetadata:
     src_row: torch.Tensor | None
     """[num_reqs] int64 (device): last step's row of each row, -1 if unknown (mask cache)."""
     step_id: int
-    plans: dict[int, tuple[RefreshPlan, Any]] = field(default_factory=dict)
-    """Refresh plan per k and its index tensors on the device (``_DevicePlan``): made once per
-    step by the first layer that uses that k."""
+    plans: dict[tuple[int, int], tuple[RefreshPlan, Any]] = field(default_factory=dict)
+    """(k, refresh phase) -> the step's refresh plan and its device copy, made by the first layer
+    that needs it."""
+    device_plans: dict[tuple, Any] = field(default_factory=dict)
+    """(k, the plan's ``first`` as a tuple) -> the device copy (``_DevicePlan``) shared by plans
+    that agree."""
     all_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
     """Selection of every block in [sink, W0), shared by the layers that attend exactly."""
     launch_classes: list["_LaunchClass"] | None = None
@@ -718,7 +721,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             score_norm=cfg.score_norm,
             keys_rotated=keys_rotated,
         )
-        if k_tokens not in md.plans:
+        key = (k_tokens, cfg.refresh_phase(layer_idx))
+        if key not in md.plans:
             plan = plan_refresh(
                 qb_cpu,
                 md.is_decode_row,
@@ -726,9 +730,15 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
                 sink_tokens=cfg.sink_tokens,
                 window_tokens=cfg.window_tokens,
                 k_tokens=k_tokens,
+                phase=key[1],
             )
-            md.plans[k_tokens] = (plan, _DevicePlan.of(plan, qb, qb_cpu, self._launch_classes(md)))
-        plan, dev_plan = md.plans[k_tokens]
+            # Layers of other phases often plan alike (a decode batch: most reuse): one device
+            # copy per distinct plan.
+            same = (k_tokens, tuple(plan.first.tolist()))
+            if same not in md.device_plans:
+                md.device_plans[same] = _DevicePlan.of(plan, qb, qb_cpu, self._launch_classes(md))
+            md.plans[key] = (plan, md.device_plans[same])
+        plan, dev_plan = md.plans[key]
         cache = self._layer_mask_cache(stages, md, q.device)
 
         nb = qb_cpu.num_blocks

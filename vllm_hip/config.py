@@ -182,6 +182,14 @@ class InfiniteHipConfig:
     """Decode refresh schedule preset for the stages: ``"paper"`` (16/8/4), ``"fast"`` (32/16/8),
     ``"flash"`` (96/24/8). Ignored when ``stages`` is given explicitly."""
 
+    stagger_refresh: bool = True
+    """Shift each layer's decode refresh schedule (:meth:`refresh_phase`) so that the first
+    stage reruns in one group of layers at a time (paper intervals 16/8/4: a quarter of the
+    layers on every 4th step) instead of in every layer on one step in 16. Each layer refreshes
+    as often as before. At long contexts the first stage reads a sample of keys from the whole
+    context (from host memory under offload): run in every layer at once it made one step cost
+    several."""
+
     stages: tuple[PruningStage, ...] = field(default_factory=lambda: _stages_3k(REFRESH_PRESETS["paper"]))
     """Pruning stages, coarse to fine. Default: the paper's 3K preset (256 → 32 → 8)."""
 
@@ -332,7 +340,7 @@ class InfiniteHipConfig:
         _check_choice("rope_cache", self.rope_cache, ("rotated", "unrotated"))
         _check_choice("score_norm", self.score_norm, ("head_max", "none"))
         for name in ("allow_long_context", "export_metrics", "offload", "split_last_query",
-                     "align_prefill_chunks", "offload_prefill_staging"):
+                     "align_prefill_chunks", "offload_prefill_staging", "stagger_refresh"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"infinitehip.{name}={getattr(self, name)!r} is invalid: must be true or false"
@@ -431,6 +439,19 @@ class InfiniteHipConfig:
     def selected_tokens_for_layer(self, layer: int) -> int:
         """k for the given layer index (early layers may keep more)."""
         return self.early_selected_tokens if layer < self.early_layers else self.selected_tokens
+
+    def refresh_phase(self, layer: int) -> int:
+        """What ``layer`` adds to a decode position before testing it against the stages'
+        refresh intervals (``stagger_refresh``; 0 when off).
+
+        A multiple of the last stage's interval below the first's: the layers' first stages
+        rerun on different steps (one group of layers per last-stage period), while every layer
+        still refreshes on the same steps as before (each last-stage period), so the steps that
+        reuse every selection, and admit nothing, stay as they were."""
+        if not self.stagger_refresh or not self.stages:
+            return 0
+        first, last = self.stages[0].refresh_interval, self.stages[-1].refresh_interval
+        return (layer % (first // last)) * last  # intervals never grow: first >= last
 
     def attends_exactly(self, max_window_start: int, k_tokens: int) -> bool:
         """Whether k tokens cover every key between the sink and the window of every query block

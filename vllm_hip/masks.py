@@ -52,6 +52,9 @@ class RefreshPlan:
     """[NB] batch row of every block (host)."""
     is_decode_block: torch.Tensor
     """[NB] bool (host)."""
+    first: torch.Tensor
+    """[NB] (host): the stage each block reruns from, ``len(stages)`` for reuse (what the
+    groups list; plans of equal ``first`` share their device copy)."""
 
 
 def plan_refresh(
@@ -62,6 +65,7 @@ def plan_refresh(
     sink_tokens: int,
     window_tokens: int,
     k_tokens: int,
+    phase: int = 0,
 ) -> RefreshPlan:
     """Decide, on the host, from which stage each query block reruns pruning.
 
@@ -76,21 +80,25 @@ def plan_refresh(
     sink_tokens, window_tokens, k_tokens : int
         Used to force a full refresh on the step where a row's context first outgrows exact
         attention (before that step no pruning state was kept for it).
+    phase : int
+        Added to the positions before the interval test (the layer's
+        ``InfiniteHipConfig.refresh_phase``: layers refresh on different steps).
     """
     num_stages = len(refresh_intervals)
     rows = qb_cpu.seq.long()
     decode = is_decode_row[rows] & (qb_cpu.q_len == 1)
     pos = qb_cpu.pos.long()
     first = torch.full_like(pos, num_stages)
+    shifted = pos + phase
     for s in reversed(range(num_stages)):
-        first = torch.where(pos % refresh_intervals[s] == 0, torch.full_like(pos, s), first)
+        first = torch.where(shifted % refresh_intervals[s] == 0, torch.full_like(pos, s), first)
     # The previous step's window start: if that step was exact, there is no cached state.
     prev_w0 = torch.clamp(pos - 1 - window_tokens + 1, min=sink_tokens)
     was_exact = (prev_w0 - sink_tokens) <= k_tokens
     first = torch.where(decode & ~was_exact, first, torch.zeros_like(first))
     groups = [torch.nonzero(first == s).flatten() for s in range(num_stages)]
     reuse = torch.nonzero(first == num_stages).flatten()
-    return RefreshPlan(groups=groups, reuse=reuse, block_rows=rows, is_decode_block=decode)
+    return RefreshPlan(groups=groups, reuse=reuse, block_rows=rows, is_decode_block=decode, first=first)
 
 
 def subset_blocks(qb: QueryBlocks, qb_cpu: QueryBlocks, idx_cpu: torch.Tensor) -> QueryBlocks:
