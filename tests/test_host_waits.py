@@ -36,9 +36,10 @@ _INDEX_PUTS = {torch.ops.aten.index_put_.default, torch.ops.aten.index_put.defau
 
 
 class ScalarIndexPuts(TorchDispatchMode):
-    """Records ``index_put`` calls of a Python scalar (a 0-dim tensor made for the call) through
-    indices that are not all boolean masks (a mask goes to ``masked_fill_``, which takes the
-    scalar on the host)."""
+    """Records what copies a Python number to the GPU on its way: ``index_put`` of a number (a
+    0-dim tensor made for the call) through indices that are not all boolean masks (a mask goes
+    to ``masked_fill_``, which takes the number on the host), and ``copy_`` of a number into one
+    element (``t[i] = 1``)."""
 
     def __init__(self):
         super().__init__()
@@ -46,6 +47,10 @@ class ScalarIndexPuts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default and args[1].dim() == 0 and not args[1]._is_view():
+            # t[i] = x for a Python number x: x becomes a fresh 0-dim CPU tensor copied into
+            # t[i] (fill_ takes the number on the host instead). Seen on the H200.
+            self.found.append(f"{_caller()}: {func} of {args[1].item()!r} into an element")
         if func in _INDEX_PUTS:
             indices, values = args[1], args[2]
             masks_only = all(i is None or i.dtype == torch.bool for i in indices)
@@ -143,7 +148,10 @@ def test_the_watch_sees_a_scalar_index_put():
         t[t > 5] = 2
         t[idx] = torch.tensor([4, 5], dtype=torch.int32)
         t[idx[:1]] = torch.tensor([7], dtype=torch.int32)  # a one-element tensor: a 0-dim view
+        t[2:4] = 3  # a slice: filled with the number on the host
+        t[0].fill_(5)
     assert mode.found == []
     with mode:
         t[idx] = -1
-    assert len(mode.found) == 1 and "index_put" in mode.found[0]
+        t[1] = 7
+    assert len(mode.found) == 2 and "index_put" in mode.found[0] and "copy_" in mode.found[1]

@@ -201,7 +201,9 @@ class PageCacheStack:
             self._allocate(max(layer + 1, 2 * self.kv.shape[0]))
         base = self.mains[0] if self.mains else main
         self.mains.append(main)
-        self.src_off[layer] = layer_offsets(base, [main])[0]
+        # fill_, not src_off[layer] = ...: a number assigned to one element is copied to the
+        # GPU from pageable memory first, a blocking copy
+        self.src_off[layer].fill_(layer_offsets(base, [main])[0])
         return DevicePageCache(self, layer)
 
     # ------------------------------------------------------------------ admission
