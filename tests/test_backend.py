@@ -114,6 +114,17 @@ class PagedBatch:
         return md, q, k, v
 
 
+def fresh_offload_state() -> None:
+    """Forget the process-wide offload state other tests left: the page-cache counters (every
+    layer adds to them), the stats, the staging buffers and the shared page-cache stacks."""
+    from vllm_hip.page_cache import shared_counters
+
+    shared_counters(DEV).zero_()
+    hip_stats.reset_stats()
+    release_buffers()
+    PageCacheStack.release_shared()
+
+
 def make_impl(cfg: InfiniteHipConfig, hq, hkv, d) -> InfiniteHipImpl:
     impl = InfiniteHipImpl(hq, d, d**-0.5, hkv, kv_cache_dtype="auto")
     impl.hip_config = cfg
@@ -602,12 +613,7 @@ def test_offload_page_cache_gives_the_same_outputs(cache_tokens, refresh):
     steps = 4
     layer = FakeLayer(3)
     outs = {}
-    from vllm_hip.page_cache import shared_counters
-
-    shared_counters(DEV).zero_()  # process-wide: other tests' layers add to it too
-    hip_stats.reset_stats()
-    release_buffers()
-    PageCacheStack.release_shared()
+    fresh_offload_state()
     for name, c in (("plain", base), ("offload", cfg)):
         batch = PagedBatch([L + steps for L in lens0], hq, hkv, d, torch.float32, seed=11, num_pages=120)
         impl = make_impl(c, hq, hkv, d)

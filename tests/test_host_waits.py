@@ -25,11 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("vllm")
 
-from test_backend import DEV, FakeLayer, PagedBatch, make_impl, run_impl, small_sparse_config  # noqa: E402
-from vllm_hip import stats as hip_stats  # noqa: E402
+from test_backend import (  # noqa: E402
+    DEV, FakeLayer, PagedBatch, fresh_offload_state, make_impl, run_impl, small_sparse_config,
+)
 from vllm_hip.masks import RowTracker  # noqa: E402
-from vllm_hip.page_cache import PageCacheStack, shared_counters  # noqa: E402
-from vllm_hip.prefill_staging import release_buffers  # noqa: E402
 
 _INDEX_PUTS = {torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
                torch.ops.aten._index_put_impl_.default}  # fmt: skip
@@ -88,10 +87,7 @@ def _serve(cfg, batch_invariant=False, watch=True):
     """Two layers through a decode step, a mixed step (row 1's prompt chunk beside row 0's
     decode) and decode steps that refresh and reuse their masks; with offload, a page cache
     too small for a row's key list (admissions evict)."""
-    hip_stats.reset_stats()
-    release_buffers()
-    PageCacheStack.release_shared()
-    shared_counters(DEV).zero_()
+    fresh_offload_state()
     hq, hkv, d = 4, 2, 64
     batch = PagedBatch([620, 530], hq, hkv, d, torch.float32, seed=13, num_pages=120)
     layers = [FakeLayer(3), FakeLayer(4)]
