@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_suite.sh kernels   # kernels.py vs FA3 for each --rope mode (timed alone)
 #   bash benchmarks/gpu_suite.sh profile   # decode throughput of a served batch, cProfile + kernel
 #                                          # profile (after prep), then the KV-pressure fault
+#   bash benchmarks/gpu_suite.sh faults    # the fault suite alone, tests/test_host_waits.py beside it
 #   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone;
 #                                          # LOAD_PARALLEL=1 both at once, LOAD_INVARIANT=1 batch-
 #                                          # invariant mode, LOAD_FAULTS=1 the fault suite beside)
@@ -28,7 +29,7 @@
 # finished. None of its jobs reports a timing that the others could not distort, except Ray
 # batch throughput (noted in its records).
 set -uo pipefail
-part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|equality|kernels|profile|load}"
+part="${1:?usage: gpu_suite.sh prep|quality|configs|offload|faults|equality|kernels|profile|load}"
 PREP=/tmp/vllm_hip_prep
 # Jobs write to $OUT (a work folder); the device tool brings back at most 8 files of the folder
 # it names $OUT, so that one gets a tarball of everything (refreshed every 30 s, so a call cut
@@ -98,7 +99,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >"$OUT/nvidia_
 # --num-gpu-blocks-override, which left the H200 run without preemption). Then host-memory
 # exhaustion for the offload store: start-up must refuse with the sizes.
 run_faults() {
-  sleep 30
+  sleep "${FAULTS_DELAY:-30}"
   # The burst: 12 requests of 3,000 tokens, 512 generated each (4 fit at once, and outgrow the
   # cache in decode); 3 re-sent alone. Larger bursts did not finish in a call (decode of this
   # eager server under the suite's other jobs: ~14 tokens/s a request).
@@ -227,6 +228,16 @@ offload)
   for f in "$OUT"/offload_profile/*_kernels.txt; do [ -f "$f" ] && { echo "== $f"; sed -n 1,30p "$f" | cut -c1-200; }; done
   for f in "$OUT"/offload_profile/*_cprofile.txt; do [ -f "$f" ] && { echo "== $f"; sed -n 1,40p "$f" | cut -c1-180; }; done
   [ -n "${fpid:-}" ] && wait "$fpid" && tail -25 "$OUT/fault.log"
+  ;;
+faults)
+  # The fault suite alone (FAULTS_DELAY=0), and PyTorch's sync debug mode over our serving steps
+  # (tests/test_host_waits.py) beside it: a small test process, it does not share the timings.
+  stamp "start: faults + test_host_waits"
+  (timeout -k 10 "$(left 20)" python3 -m pytest -q -p no:cacheprovider tests/test_host_waits.py \
+      >"$OUT/pytest_gpu_host_waits.log" 2>&1; echo "exit $?" >>"$OUT/pytest_gpu_host_waits.log") & tpid=$!
+  FAULTS_DELAY=0 run_faults
+  wait "$tpid"
+  tail -25 "$OUT/fault.log"; tail -15 "$OUT/pytest_gpu_host_waits.log"; tail -5 "$OUT/offload_host_exhaustion.log"
   ;;
 load)
   stamp "start: load test"
