@@ -37,7 +37,7 @@ from vllm.v1.attention.backend import (
 from vllm_hip_kernels.query_blocks import QueryBlocks, build_query_blocks
 from vllm_hip_kernels.cached_pages import CachedPages
 from vllm_hip_kernels.host_copy import to_device
-from vllm_hip import prefill_lens
+from vllm_hip import decode_graphs, prefill_lens
 from vllm_hip import stats as hip_stats
 from vllm_hip.config import InfiniteHipConfig
 from vllm_hip.flash_delegate import FlashDelegate, flash_forward
@@ -128,6 +128,10 @@ class InfiniteHipMetadata:
     flash: Any = None
     """FLASH_ATTN's metadata for the step, when its kernel attends exactly for the layers whose
     k covers every row (``vllm_hip.flash_delegate``)."""
+    graph_ok: bool | None = None
+    """Whether the step's layers may replay decode graphs (decided by the first layer)."""
+    graph_statics: Any = None
+    """The step's metadata in static buffers (``decode_graphs.StepStatics``; first layer)."""
 
 
 class InfiniteHipMetadataBuilder(AttentionMetadataBuilder[InfiniteHipMetadata]):
@@ -421,6 +425,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._own_mask_store: MaskStore | None = None
         self._reused_all = False
+        self._graphs: decode_graphs.LayerGraphs | None = None
         """Whether this layer's last selection reused every query block's cached one."""
         self._mask_cache: LayerMaskCache | None = None
         """This layer's view of the mask store as of its last step (for tests and debugging)."""
@@ -603,8 +608,12 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         key_cache, value_cache = (_fp8_view(c, fp8) for c in kv_cache.unbind(1))
         k_scale = float(getattr(layer, "_k_scale_float", 1.0))
         v_scale = float(getattr(layer, "_v_scale_float", 1.0))
-        write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
         layer_idx = self._layer_index(layer)
+        unrotating = rope is not None and not self.rope_handed_over and not rotated
+        if not unrotating and self._replay_reuse(layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache,
+                                                 md, output, k_scale, v_scale, rope, rotated):  # fmt: skip
+            return output
+        write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
         if md.flash is not None:
             k_tokens = self.hip_config.selected_tokens_for_layer(layer_idx)
             if self.hip_config.attends_exactly(md.qblocks_cpu.max_window_start, k_tokens):
@@ -707,10 +716,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         mask_rope = None
         if rope is not None:
             mask_rope = "chunk_indexed" if layer_idx < cfg.early_layers else "relative"
-        stages = [
-            _Stage(s.chunk_size, cfg.stage_keep_tokens(i, layer_idx), s.query_pool)
-            for i, s in enumerate(cfg.stages)
-        ]
+        stages = self._stages(layer_idx)
         common = dict(
             sink_tokens=cfg.sink_tokens,
             k_scale=k_scale,
@@ -721,24 +727,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             score_norm=cfg.score_norm,
             keys_rotated=keys_rotated,
         )
-        key = (k_tokens, cfg.refresh_phase(layer_idx))
-        if key not in md.plans:
-            plan = plan_refresh(
-                qb_cpu,
-                md.is_decode_row,
-                tuple(s.refresh_interval for s in cfg.stages),
-                sink_tokens=cfg.sink_tokens,
-                window_tokens=cfg.window_tokens,
-                k_tokens=k_tokens,
-                phase=key[1],
-            )
-            # Layers of other phases often plan alike (a decode batch: most reuse): one device
-            # copy per distinct plan.
-            same = (k_tokens, tuple(plan.first.tolist()))
-            if same not in md.device_plans:
-                md.device_plans[same] = _DevicePlan.of(plan, qb, qb_cpu, self._launch_classes(md))
-            md.plans[key] = (plan, md.device_plans[same])
-        plan, dev_plan = md.plans[key]
+        plan, dev_plan = self._refresh_plan(layer_idx, k_tokens, md)
         cache = self._layer_mask_cache(stages, md, q.device)
 
         nb = qb_cpu.num_blocks
@@ -796,6 +785,125 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         if n_decode_refresh > 0:
             st.record_mask_lookup(False, n_decode_refresh)
         return sel, sel_count
+
+    def _stages(self, layer_idx: int) -> list["_Stage"]:
+        cfg = self.hip_config
+        return [_Stage(s.chunk_size, cfg.stage_keep_tokens(i, layer_idx), s.query_pool)
+                for i, s in enumerate(cfg.stages)]  # fmt: skip
+
+    def _refresh_plan(self, layer_idx: int, k_tokens: int, md: InfiniteHipMetadata) -> tuple[RefreshPlan, Any]:
+        """The step's refresh plan for this layer's (k, phase) and its device copy, made once
+        per step by the first layer that needs it."""
+        cfg = self.hip_config
+        key = (k_tokens, cfg.refresh_phase(layer_idx))
+        if key not in md.plans:
+            plan = plan_refresh(
+                md.qblocks_cpu,
+                md.is_decode_row,
+                tuple(s.refresh_interval for s in cfg.stages),
+                sink_tokens=cfg.sink_tokens,
+                window_tokens=cfg.window_tokens,
+                k_tokens=k_tokens,
+                phase=key[1],
+            )
+            # Layers of other phases often plan alike (a decode batch: most reuse): one device
+            # copy per distinct plan.
+            same = (k_tokens, tuple(plan.first.tolist()))
+            if same not in md.device_plans:
+                md.device_plans[same] = _DevicePlan.of(plan, md.qblocks, md.qblocks_cpu, self._launch_classes(md))
+            md.plans[key] = (plan, md.device_plans[same])
+        return md.plans[key]
+
+    # ------------------------------------------------------------------ decode graphs
+    def _graph_step_ok(self, md: InfiniteHipMetadata, kv_cache: torch.Tensor, q: torch.Tensor) -> bool:
+        """Whether this step's layers may replay graphs: decode rows only (one query each), one
+        launch class reading the paged cache (through the page cache under offload), and no
+        graph being captured around us."""
+        qb_cpu = md.qblocks_cpu
+        if qb_cpu.max_q_len != 1 or qb_cpu.num_blocks != md.num_actual_tokens:
+            return False
+        if not bool(md.is_decode_row.all()):
+            return False
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        classes = self._launch_classes(md, kv_cache)
+        return len(classes) == 1 and classes[0].idx is None and not classes[0].staged
+
+    def _replay_reuse(self, layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache, md, output,
+                      k_scale, v_scale, rope, rotated) -> bool:  # fmt: skip
+        """Attention of a decode step that reuses every cached selection of this layer, as a
+        graph replay (``vllm_hip.decode_graphs``); False when the step or layer does not
+        qualify (the caller then runs the eager path)."""
+        cfg = self.hip_config
+        if not cfg.decode_graphs or md.graph_ok is False:
+            return False
+        if md.graph_ok is None:
+            md.graph_ok = self._graph_step_ok(md, kv_cache, q)
+            if not md.graph_ok:
+                return False
+        graphs = self._graphs
+        if graphs is None:
+            graphs = self._graphs = decode_graphs.LayerGraphs(decode_graphs.runner_for(q.device))
+        if not graphs.enabled:
+            return False
+        qb_cpu = md.qblocks_cpu
+        k_tokens = cfg.selected_tokens_for_layer(layer_idx)
+        if k_tokens == 0 or cfg.attends_exactly(qb_cpu.max_window_start, k_tokens):
+            return False
+        plan, _ = self._refresh_plan(layer_idx, k_tokens, md)
+        nb, width = qb_cpu.num_blocks, k_tokens // cfg.block_size_k
+        if plan.reuse.numel() != nb:
+            return False
+        cache = self._layer_mask_cache(self._stages(layer_idx), md, q.device)
+        if width > cache.sel.shape[1]:
+            return False
+
+        from vllm_hip_kernels import sparse_attention as sa
+
+        fp8 = self.kv_cache_dtype.startswith("fp8")
+        pc = self._offload_page_cache(kv_cache)
+        cached = None
+        if pc is not None:
+            ck, cv = pc.kv.unbind(1)
+            cached = CachedPages(pc.slot_of_page, _fp8_view(ck, fp8), _fp8_view(cv, fp8), pc.counters)
+        if md.graph_statics is None:
+            md.graph_statics = decode_graphs.step_statics(md.slot_mapping, md.seq_lens, md.block_table, md.qblocks)
+        st_in = md.graph_statics
+        n = md.num_actual_tokens
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        io = decode_graphs.layer_statics(q, k, v, out)
+        options = self._launch_classes(md)[0].options
+        sel_all, count_all = cache.sel, cache.sel_count
+        cos, sin = rope if rope is not None else (None, None)
+
+        def body() -> None:
+            write_kv_cache(io.k, io.v, key_cache, value_cache, st_in.slot_mapping, self.kv_cache_dtype, layer)
+            if pc is not None:
+                pc.mirror_new_tokens(st_in.slot_mapping)
+            rows = st_in.qblocks.seq.long()  # decode only: block i is row i's one query
+            sa.sparse_attention(
+                io.q, key_cache, value_cache, st_in.block_table, st_in.seq_lens, st_in.qblocks,
+                sel_all[rows, :width], count_all[rows],
+                sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, sm_scale=self.scale,
+                softcap=self.logits_soft_cap, k_scale=k_scale, v_scale=v_scale, cos=cos, sin=sin,
+                window_tokens=cfg.window_tokens, keys_rotated=rotated, page_cache=cached, out=io.out,
+                **options,
+            )  # fmt: skip
+
+        sig = decode_graphs.signature(
+            st_in.key, st_in.slot_mapping, io.q, io.out, key_cache, value_cache, sel_all, count_all, width,
+            cos, sin, k_scale, v_scale, rotated, self.kv_cache_dtype, tuple(sorted(options.items())),
+            min(qb_cpu.max_seq_len, cfg.window_tokens + 1),
+            *((cached.slot_of_page, cached.key_cache, cached.value_cache, cached.counters) if cached else ()),
+        )  # fmt: skip
+        st = hip_stats.get_stats()
+        st.record_attended(n, k_tokens)
+        st.record_mask_lookup(True, nb)
+        graphs.run(sig, body)
+        out.copy_(io.out)
+        if pc is not None:
+            pc.stack.end_layer(md, pc.layer, None)  # a reuse step admits nothing
+        return True
 
     def _layer_mask_cache(self, stages: list["_Stage"], md: InfiniteHipMetadata, device) -> LayerMaskCache:
         """This layer's slice of the step's mask store, its rows moved to this step's batch.

@@ -190,6 +190,14 @@ class InfiniteHipConfig:
     context (from host memory under offload): run in every layer at once it made one step cost
     several."""
 
+    decode_graphs: bool = True
+    """Replay each layer's attention as a CUDA graph on decode steps that reuse every cached
+    selection (with the paper's 16/8/4, three steps in four): the KV write, the page-cache
+    write-through, the selection gathers and the sparse attention launch as one graph replay,
+    captured per layer and batch size on first use (``vllm_hip.decode_graphs``). Attention
+    runs between vLLM's CUDA graphs, so without this each layer pays the host cost of those
+    launches on every step. Steps that refresh a selection, prefill or mix run eagerly."""
+
     stages: tuple[PruningStage, ...] = field(default_factory=lambda: _stages_3k(REFRESH_PRESETS["paper"]))
     """Pruning stages, coarse to fine. Default: the paper's 3K preset (256 → 32 → 8)."""
 
@@ -340,7 +348,8 @@ class InfiniteHipConfig:
         _check_choice("rope_cache", self.rope_cache, ("rotated", "unrotated"))
         _check_choice("score_norm", self.score_norm, ("head_max", "none"))
         for name in ("allow_long_context", "export_metrics", "offload", "split_last_query",
-                     "align_prefill_chunks", "offload_prefill_staging", "stagger_refresh"):
+                     "align_prefill_chunks", "offload_prefill_staging", "stagger_refresh",
+                     "decode_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"infinitehip.{name}={getattr(self, name)!r} is invalid: must be true or false"
