@@ -18,7 +18,7 @@
 #   bash benchmarks/gpu_suite.sh kernels   # kernels.py vs FA3 for each --rope mode (timed alone)
 #   bash benchmarks/gpu_suite.sh profile   # decode throughput of a served batch, cProfile + kernel
 #                                          # profile (after prep), then the KV-pressure fault
-#   bash benchmarks/gpu_suite.sh faults    # the fault suite alone, tests/test_host_waits.py beside it
+#   bash benchmarks/gpu_suite.sh faults    # the fault suite alone, GPU runs of FAULT_TESTS beside it
 #   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone;
 #                                          # LOAD_PARALLEL=1 both at once, LOAD_INVARIANT=1 batch-
 #                                          # invariant mode, LOAD_FAULTS=1 the fault suite beside)
@@ -230,14 +230,15 @@ offload)
   [ -n "${fpid:-}" ] && wait "$fpid" && tail -25 "$OUT/fault.log"
   ;;
 faults)
-  # The fault suite alone (FAULTS_DELAY=0), and PyTorch's sync debug mode over our serving steps
-  # (tests/test_host_waits.py) beside it: a small test process, it does not share the timings.
-  stamp "start: faults + test_host_waits"
-  (timeout -k 10 "$(left 20)" python3 -m pytest -q -p no:cacheprovider tests/test_host_waits.py \
-      >"$OUT/pytest_gpu_host_waits.log" 2>&1; echo "exit $?" >>"$OUT/pytest_gpu_host_waits.log") & tpid=$!
+  # The fault suite alone (FAULTS_DELAY=0), and beside it (a small test process) the GPU runs
+  # of FAULT_TESTS: PyTorch's sync debug mode over our serving steps, CUDA-graph replays equal
+  # to eager steps.
+  stamp "start: faults + ${FAULT_TESTS:=tests/test_host_waits.py tests/test_decode_graphs.py}"
+  (timeout -k 10 "$(left 20)" python3 -m pytest -q -p no:cacheprovider $FAULT_TESTS \
+      >"$OUT/pytest_gpu_faults_tests.log" 2>&1; echo "exit $?" >>"$OUT/pytest_gpu_faults_tests.log") & tpid=$!
   FAULTS_DELAY=0 run_faults
   wait "$tpid"
-  tail -25 "$OUT/fault.log"; tail -15 "$OUT/pytest_gpu_host_waits.log"; tail -5 "$OUT/offload_host_exhaustion.log"
+  tail -25 "$OUT/fault.log"; tail -15 "$OUT/pytest_gpu_faults_tests.log"; tail -5 "$OUT/offload_host_exhaustion.log"
   ;;
 load)
   stamp "start: load test"

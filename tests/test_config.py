@@ -78,7 +78,7 @@ BAD = [
     ({"decode_splits": 1000}, "infinitehip.decode_splits=1000 is invalid: must be an integer in [0, 256]"),
     ({"offload_gpu_cache_tokens": 7}, "infinitehip.offload_gpu_cache_tokens=7 is invalid: must be an integer in [8, 16777216] and a multiple of 8"),
     ({"offload": True, "offload_gpu_cache_tokens": 4096}, "infinitehip.offload_gpu_cache_tokens=4096 is invalid: the GPU cache must hold sink + window + k = 5376 tokens or more"),
-    ({"window_size": 5}, "infinitehip.window_size is not an option; known options: preset, sink_tokens, window_tokens, selected_tokens, early_layers, early_selected_tokens, block_size_q, split_last_query, align_prefill_chunks, block_size_k, refresh, stagger_refresh, stages, score_norm, rope_mode, rope_cache, allow_long_context, export_metrics, decode_splits, offload, offload_gpu_cache_tokens, offload_prefill_staging"),
+    ({"window_size": 5}, "infinitehip.window_size is not an option; known options: preset, sink_tokens, window_tokens, selected_tokens, early_layers, early_selected_tokens, block_size_q, split_last_query, align_prefill_chunks, block_size_k, refresh, stagger_refresh, decode_graphs, stages, score_norm, rope_mode, rope_cache, allow_long_context, export_metrics, decode_splits, offload, offload_gpu_cache_tokens, offload_prefill_staging"),
     ({"selected_tokens": 16384}, "infinitehip.stages[1].keep_tokens=8192 is invalid: must be at least the largest k (16384)"),
     ({"preset": "streaming", "stages": [{"chunk_size": 8, "keep_tokens": 8}]}, "infinitehip.stages is invalid: must be empty when selected_tokens and early_selected_tokens are 0 (nothing to select)"),
 ]

@@ -113,6 +113,7 @@ def valid_options(draw, selection: bool | None = None) -> dict:
         "block_size_k": bk,
         "refresh": draw(st.sampled_from(sorted(REFRESH_PRESETS))),
         "stagger_refresh": draw(st.booleans()),
+        "decode_graphs": draw(st.booleans()),
         "stages": stages,
         "rope_mode": draw(st.sampled_from(["streaming", "model"])),
         "rope_cache": draw(st.sampled_from(["rotated", "unrotated"])),
@@ -232,7 +233,7 @@ def one_bad_field(draw):
                    "early_selected_tokens", "early_layers", "decode_splits", "block_size_q",
                    "block_size_k", "rope_mode", "rope_cache", "score_norm", "allow_long_context", "export_metrics", "offload",
                    "split_last_query", "align_prefill_chunks", "offload_prefill_staging",
-                   "stagger_refresh", "offload_gpu_cache_tokens", "unknown",
+                   "stagger_refresh", "decode_graphs", "offload_gpu_cache_tokens", "unknown",
                    "stages"]  # fmt: skip
     kind = draw(st.sampled_from(choices))
     simple = {
@@ -256,6 +257,7 @@ def one_bad_field(draw):
         "align_prefill_chunks": NOT_BOOL,
         "offload_prefill_staging": NOT_BOOL,
         "stagger_refresh": NOT_BOOL,
+        "decode_graphs": NOT_BOOL,
     }
     if kind in simple:
         value = draw(simple[kind])
@@ -411,6 +413,7 @@ FIELD_VALUES = {
     "align_prefill_chunks": (st.booleans(), NOT_BOOL),
     "offload_prefill_staging": (st.booleans(), NOT_BOOL),
     "stagger_refresh": (st.booleans(), NOT_BOOL),
+    "decode_graphs": (st.booleans(), NOT_BOOL),
     "offload_gpu_cache_tokens": (GOOD_TOKENS, BAD_TOKENS),
     "stages": (
         st.lists(STAGE, max_size=4).map(lambda l: sorted(l, key=lambda s: -s["chunk_size"])),

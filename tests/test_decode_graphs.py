@@ -104,3 +104,15 @@ def test_signature_tells_moved_tensors_apart():
     assert decode_graphs.signature(a, 1) != decode_graphs.signature(b, 1)
     assert decode_graphs.signature(a, 1) != decode_graphs.signature(a, 2)
     assert decode_graphs.signature(a[:2]) != decode_graphs.signature(a)
+
+
+def test_a_failed_capture_runs_the_step_eagerly_and_stops_capturing():
+    class Failing:
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls = []
+    graphs = decode_graphs.LayerGraphs(Failing())
+    graphs.run(("a",), lambda: calls.append(1))
+    graphs.run(("a",), lambda: calls.append(2))
+    assert calls == [1, 2] and not graphs.enabled and graphs.captures == 0

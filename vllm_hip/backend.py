@@ -899,6 +899,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         st = hip_stats.get_stats()
         st.record_attended(n, k_tokens)
         st.record_mask_lookup(True, nb)
+        self._reused_all = True
         graphs.run(sig, body)
         out.copy_(io.out)
         if pc is not None:

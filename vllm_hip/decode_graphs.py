@@ -210,7 +210,15 @@ class LayerGraphs:
                 return
             if len(self.graphs) >= MAX_GRAPHS_PER_LAYER:
                 self.graphs.pop(next(iter(self.graphs)))
-            graph = self.graphs[sig] = self.runner.capture(body)
+            try:
+                graph = self.runner.capture(body)
+            except Exception:
+                # Nothing ran (a capture only records): run the step eagerly and keep serving.
+                self.enabled = False
+                logger.exception("INFINITEHIP: capturing a decode graph failed; this layer runs eagerly from now on")
+                body()
+                return
+            self.graphs[sig] = graph
             self.captures += 1
             if self.captures >= self.MAX_CAPTURES:
                 self.enabled = False
