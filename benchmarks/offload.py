@@ -290,12 +290,16 @@ def plot(records: list[dict], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     shapes = {r.get("model_shape") for r in records}
-    for b, shape in sorted({(r["backend"], r.get("model_shape")) for r in records}, key=str):
+    # One line per backend and, when the records mix model shapes, per shape; records of
+    # another build or setting carry a "series" (e.g. "eager attention, tenth session") and get
+    # a line of their own rather than one drawn through points that are not comparable.
+    for b, shape, series in sorted({(r["backend"], r.get("model_shape"), r.get("series")) for r in records}, key=str):
         pts = sorted((r["context_tokens"], r["value"]) for r in records
-                     if r["backend"] == b and r.get("model_shape") == shape
+                     if r["backend"] == b and r.get("model_shape") == shape and r.get("series") == series
                      and r["metric"] == "decode_tokens_per_s")
-        if pts:  # one line per backend and, when the records mix model shapes, per shape
+        if pts:
             label = b if len(shapes) == 1 else f"{b} ({shape})"
+            label = f"{label}, {series}" if series else label
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             for x, y in pts:
                 ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6),
@@ -305,7 +309,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -336,7 +340,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine result files of separate runs (e.g. one per backend) into --out/--plot; "
-                         "FILE:NOTE adds NOTE to that file's records")
+                         "FILE:NOTE adds NOTE to that file's records, FILE:NOTE|SERIES also draws them "
+                         "as a line of their own labelled SERIES")
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--contexts", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -347,11 +352,15 @@ def main(argv=None) -> int:
     if args.merge:
         records = []
         for spec in args.merge:
-            # FILE or FILE:NOTE (the NOTE goes into that file's records, e.g. how it was run)
-            path, _, note = spec.partition(":")
+            # FILE, FILE:NOTE (the NOTE goes into that file's records, e.g. how it was run) or
+            # FILE:NOTE|SERIES (also a plot line of their own, see plot())
+            path, _, rest = spec.partition(":")
+            note, _, series = rest.partition("|")
             for r in json.load(open(path)):
                 if note:
                     r["note"] = f"{r['note']}; {note}" if r.get("note") else note
+                if series:
+                    r["series"] = series
                 records.append(r)
         _add_ratios(records)
         if args.out:

@@ -98,6 +98,26 @@ def test_offload_records_rates_ratios_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_offload_merge_adds_notes_and_series(tmp_path, monkeypatch):
+    from benchmarks import offload
+
+    rec = dict(metric="decode_tokens_per_s", backend="INFINITEHIP", context_tokens=1 << 20, value=20.0,
+               unit="tokens/s", device="D", command="c", model_shape="llama-3.1-8b")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([dict(rec, note="alone")]))
+    b.write_text(json.dumps([dict(rec, value=50.0)]))
+    lines = []
+    monkeypatch.setattr(offload, "plot", lambda records, path, title: lines.extend(
+        sorted({(r["backend"], r.get("series")) for r in records}, key=str)))
+    out = tmp_path / "m.json"
+    assert offload.main(["--merge", f"{a}:before: eager|eager", f"{b}:graphs", "--out", str(out),
+                         "--plot", str(tmp_path / "m.png")]) == 0
+    got = json.loads(out.read_text())
+    assert [r["note"] for r in got] == ["alone; before: eager", "graphs"]  # a colon stays in the note
+    assert [r.get("series") for r in got] == ["eager", None]
+    assert lines == [("INFINITEHIP", "eager"), ("INFINITEHIP", None)]  # a line per series
+
+
 def test_serve_equivalence_run_args_reach_only_their_run(tmp_path, monkeypatch, capsys):
     import pytest
 
