@@ -87,14 +87,24 @@ def test_layer_graphs_warm_capture_replay_and_new_signatures():
     assert graphs.captures == 1 and calls[-1] == "b"
 
 
-def test_a_layer_whose_inputs_keep_moving_stops_capturing():
+def test_many_batch_layouts_keep_capturing_but_a_moving_input_stops_the_layer():
     graphs = decode_graphs.LayerGraphs(decode_graphs.HostGraphs())
-    for i in range(2 * graphs.MAX_CAPTURES + 2):
-        if not graphs.enabled:
-            break
-        graphs.run((i // 2,), lambda: None)
-    assert not graphs.enabled and graphs.captures == graphs.MAX_CAPTURES
-    assert len(graphs.graphs) <= decode_graphs.MAX_GRAPHS_PER_LAYER
+    # a server's batch sizes: each layout warms up, captures once and replays after
+    for layout in range(3 * graphs.MAX_GRAPHS):
+        for _ in range(3):
+            graphs.run((layout, "same addresses"), lambda: None, layout=layout)
+    assert graphs.enabled and graphs.captures == 3 * graphs.MAX_GRAPHS
+    assert len(graphs.graphs) == graphs.MAX_GRAPHS  # least recently used dropped
+    for layout in range(2 * graphs.MAX_GRAPHS):  # dropped for room and captured again: fine
+        for _ in range(2):
+            graphs.run((layout, "same addresses"), lambda: None, layout=layout)
+    assert graphs.enabled
+    # one layout whose signature changes every step (an input that moves)
+    step = 0
+    while graphs.enabled and step < 100:
+        graphs.run(("moving", step // 2), lambda: None, layout="B=1")
+        step += 1
+    assert not graphs.enabled and graphs.captures_of["B=1"] == graphs.MAX_RECAPTURES
 
 
 def test_signature_tells_moved_tensors_apart():
@@ -116,3 +126,17 @@ def test_a_failed_capture_runs_the_step_eagerly_and_stops_capturing():
     graphs.run(("a",), lambda: calls.append(1))
     graphs.run(("a",), lambda: calls.append(2))
     assert calls == [1, 2] and not graphs.enabled and graphs.captures == 0
+
+
+def test_static_buffers_share_one_address_across_batch_sizes():
+    bufs = decode_graphs._RowBuffers()
+    bt = torch.arange(12, dtype=torch.int32).view(3, 4)
+    a = bufs.take("block_table", bt)
+    b = bufs.take("block_table", bt[:1])
+    assert a.data_ptr() == b.data_ptr() and torch.equal(a, bt) and torch.equal(b, bt[:1])
+    assert len(bufs.buffers) == 1  # one buffer for every row count
+    big = torch.zeros(40, 4, dtype=torch.int32)
+    c = bufs.take("block_table", big)  # more rows than it has: a larger buffer
+    assert c.shape == (40, 4) and bufs.buffers[("block_table", (4,), torch.int32, "cpu")].shape[0] >= 40
+    out = bufs.take("out", torch.ones(2, 3), copy=False)
+    assert out.shape == (2, 3)  # handed out, not filled

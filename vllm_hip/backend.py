@@ -891,7 +891,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             )  # fmt: skip
 
         sig = decode_graphs.signature(
-            st_in.key, st_in.slot_mapping, io.q, io.out, key_cache, value_cache, sel_all, count_all, width,
+            *st_in.tensors(), io.q, io.k, io.v, io.out, key_cache, value_cache, sel_all, count_all, width,
             cos, sin, k_scale, v_scale, rotated, self.kv_cache_dtype, tuple(sorted(options.items())),
             min(qb_cpu.max_seq_len, cfg.window_tokens + 1),
             *((cached.slot_of_page, cached.key_cache, cached.value_cache, cached.counters) if cached else ()),
@@ -900,7 +900,7 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         st.record_attended(n, k_tokens)
         st.record_mask_lookup(True, nb)
         self._reused_all = True
-        graphs.run(sig, body)
+        graphs.run(sig, body, layout=st_in.layout)
         out.copy_(io.out)
         if pc is not None:
             pc.stack.end_layer(md, pc.layer, None)  # a reuse step admits nothing

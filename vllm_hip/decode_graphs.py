@@ -20,6 +20,7 @@ and calls it again on replay, with the objects it captured, which is what a grap
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 import logging
 from typing import Callable
@@ -29,9 +30,6 @@ import torch
 from vllm_hip_kernels.query_blocks import QueryBlocks
 
 logger = logging.getLogger(__name__)
-
-#: Graphs kept per layer before the oldest is dropped (batch sizes x cache layouts seen).
-MAX_GRAPHS_PER_LAYER = 16
 
 
 class _Replay:
@@ -83,65 +81,68 @@ def runner_for(device: torch.device):
 
 
 # ---------------------------------------------------------------------------- static inputs
+class _RowBuffers:
+    """Static buffers by rows: one per (name, row shape, dtype, device), with room for the most
+    rows asked so far. ``take`` hands out its first rows, a view at the same address for every
+    row count, so a server's many batch sizes share one buffer (a block table of a 1M-token
+    ``max_model_len`` is 256 KiB a row: one copy per batch size would add up to gigabytes)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, name: str, t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        key = (name, tuple(t.shape[1:]), t.dtype, str(t.device))
+        n = int(t.shape[0])
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[0] < n:
+            # grown: graphs captured on the old buffer keep its address in their signature, so
+            # they are not replayed on the new one (and the old memory is released)
+            rows = max(8, 1 << max(n - 1, 0).bit_length(), 2 * buf.shape[0] if buf is not None else 0)
+            buf = self.buffers[key] = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        view = buf[:n]
+        if copy:
+            view.copy_(t)  # device to device, queued: no host wait
+        return view
+
+
+_BUFFERS = _RowBuffers()
 _QB_FIELDS = ("seq", "q_start", "q_len", "pos", "window_start")
 
 
 @dataclass
 class StepStatics:
-    """Static copies of a decode step's device metadata, for graphs of ``rows`` decode rows."""
+    """A decode step's device metadata in static buffers (shared by every layer's graphs)."""
 
     slot_mapping: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     qblocks: QueryBlocks
-    key: tuple
-    """What the buffers were sized for (part of every graph's signature)."""
+    """Static device fields; the host ints are this step's (launchers size grids with them:
+    the graph signature holds what a capture bakes in)."""
 
-    @classmethod
-    def allocate(cls, slot_mapping, seq_lens, block_table, qb: QueryBlocks, key: tuple) -> "StepStatics":
-        fields = {n: torch.empty_like(getattr(qb, n)) for n in _QB_FIELDS}
-        blocks = QueryBlocks(**fields, max_q_len=qb.max_q_len, max_window_start=qb.max_window_start,
-                             max_seq_len=qb.max_seq_len)  # fmt: skip
-        return cls(torch.empty_like(slot_mapping), torch.empty_like(seq_lens), torch.empty_like(block_table),
-                   blocks, key)  # fmt: skip
+    @property
+    def layout(self) -> tuple:
+        """The batch layout: graphs of one layout differ only if something moved."""
+        return (self.qblocks.num_blocks, tuple(self.block_table.shape))
 
-    def load(self, slot_mapping, seq_lens, block_table, qb: QueryBlocks) -> "StepStatics":
-        """Copy this step's values in (device to device, queued: no host wait); the blocks' host
-        ints are this step's (launchers size grids with them: the graph signature holds what
-        a capture bakes in)."""
-        self.slot_mapping.copy_(slot_mapping)
-        self.seq_lens.copy_(seq_lens)
-        self.block_table.copy_(block_table)
-        fields = {}
-        for n in _QB_FIELDS:
-            fields[n] = getattr(self.qblocks, n)
-            fields[n].copy_(getattr(qb, n))
-        self.qblocks = QueryBlocks(**fields, max_q_len=qb.max_q_len, max_window_start=qb.max_window_start,
-                                   max_seq_len=qb.max_seq_len)  # fmt: skip
-        return self
-
-
-_STEP_STATICS: dict[tuple, StepStatics] = {}
-
-
-def _layout(t: torch.Tensor) -> tuple:
-    return (tuple(t.shape), t.dtype, str(t.device))
+    def tensors(self) -> tuple:
+        return (self.slot_mapping, self.seq_lens, self.block_table,
+                *(getattr(self.qblocks, n) for n in _QB_FIELDS))  # fmt: skip
 
 
 def step_statics(slot_mapping, seq_lens, block_table, qb: QueryBlocks) -> StepStatics:
-    """The step's metadata in the static buffers of its shapes (one set per batch layout,
-    process-wide: every layer's graphs of that layout read the same buffers)."""
-    key = tuple(_layout(t) for t in (slot_mapping, seq_lens, block_table, qb.seq))
-    st = _STEP_STATICS.get(key)
-    if st is None:
-        st = _STEP_STATICS[key] = StepStatics.allocate(slot_mapping, seq_lens, block_table, qb, key)
-    return st.load(slot_mapping, seq_lens, block_table, qb)
+    """Copy the step's metadata into the static buffers (once per step, for all layers)."""
+    take = _BUFFERS.take
+    fields = {n: take(f"qblocks.{n}", getattr(qb, n)) for n in _QB_FIELDS}
+    blocks = QueryBlocks(**fields, max_q_len=qb.max_q_len, max_window_start=qb.max_window_start,
+                         max_seq_len=qb.max_seq_len)  # fmt: skip
+    return StepStatics(take("slot_mapping", slot_mapping), take("seq_lens", seq_lens),
+                       take("block_table", block_table), blocks)  # fmt: skip
 
 
 @dataclass
 class LayerStatics:
-    """Static q/k/v/output of a layer call (shared by the layers of one shape: they run one
-    after another)."""
+    """Static q/k/v/output of a layer call (shared by all layers: they run one after another)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -149,25 +150,14 @@ class LayerStatics:
     out: torch.Tensor
 
 
-_LAYER_STATICS: dict[tuple, LayerStatics] = {}
-
-
 def layer_statics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> LayerStatics:
-    key = tuple(_layout(t) for t in (q, k, v, out))
-    ls = _LAYER_STATICS.get(key)
-    if ls is None:
-        ls = _LAYER_STATICS[key] = LayerStatics(*(torch.empty_like(t, memory_format=torch.contiguous_format)
-                                                  for t in (q, k, v, out)))  # fmt: skip
-    ls.q.copy_(q)
-    ls.k.copy_(k)
-    ls.v.copy_(v)
-    return ls
+    take = _BUFFERS.take
+    return LayerStatics(take("q", q), take("k", k), take("v", v), take("out", out, copy=False))
 
 
 def reset() -> None:
     """Drop the process's static buffers (tests)."""
-    _STEP_STATICS.clear()
-    _LAYER_STATICS.clear()
+    _BUFFERS.buffers.clear()
 
 
 def signature(*parts) -> tuple:
@@ -182,34 +172,38 @@ def signature(*parts) -> tuple:
 
 
 class LayerGraphs:
-    """One layer's graphs by signature. A signature's first call runs eagerly on the static
-    buffers (Triton compiles its kernels, which capture must not do); its second captures.
+    """One layer's graphs by signature, least recently used dropped past ``MAX_GRAPHS``. A
+    signature's first call runs eagerly on the static buffers (Triton compiles its kernels,
+    which capture must not do); its second captures.
 
-    A layer whose signatures keep changing (something it reads moves every step) would capture
-    on every other step, far slower than running eagerly: after ``MAX_CAPTURES`` captures it
-    stops (``enabled`` False) and says so once."""
+    Each batch layout (``layout``: the rows of the step) needs a graph of its own, and a server
+    sees many. A layout captured again and again means something the layer reads moves between
+    steps: the layer would capture on every other step, far slower than running eagerly, so
+    when one layout holds ``MAX_RECAPTURES`` graphs it stops (``enabled`` False) and says so."""
 
-    MAX_CAPTURES = 4 * MAX_GRAPHS_PER_LAYER
+    MAX_GRAPHS = 64
+    MAX_RECAPTURES = 4
 
     def __init__(self, runner):
         self.runner = runner
-        self.graphs: dict[tuple, _Replay] = {}
+        self.graphs: OrderedDict[tuple, tuple[_Replay, object]] = OrderedDict()
+        """signature -> (graph, its batch layout)"""
         self.warm: set[tuple] = set()
+        self.captures_of: dict[object, int] = {}
         self.captures = 0
         self.replays = 0
         self.enabled = True
 
-    def run(self, sig: tuple, body: Callable[[], None]) -> None:
-        graph = self.graphs.get(sig)
+    def run(self, sig: tuple, body: Callable[[], None], layout: object = None) -> None:
+        entry = self.graphs.get(sig)
+        graph = entry[0] if entry is not None else None
         if graph is None:
             if sig not in self.warm:
-                if len(self.warm) >= self.MAX_CAPTURES:
+                if len(self.warm) >= 4 * self.MAX_GRAPHS:
                     self.warm.clear()
                 self.warm.add(sig)
                 body()
                 return
-            if len(self.graphs) >= MAX_GRAPHS_PER_LAYER:
-                self.graphs.pop(next(iter(self.graphs)))
             try:
                 graph = self.runner.capture(body)
             except Exception:
@@ -218,13 +212,19 @@ class LayerGraphs:
                 logger.exception("INFINITEHIP: capturing a decode graph failed; this layer runs eagerly from now on")
                 body()
                 return
-            self.graphs[sig] = graph
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                _, (_, dropped) = self.graphs.popitem(last=False)
+                self.captures_of[dropped] -= 1  # dropped for room, not moved: not counted
+            self.graphs[sig] = (graph, layout)
             self.captures += 1
-            if self.captures >= self.MAX_CAPTURES:
+            n = self.captures_of[layout] = self.captures_of.get(layout, 0) + 1
+            if n >= self.MAX_RECAPTURES:
                 self.enabled = False
                 logger.warning(
-                    "INFINITEHIP: a layer captured %d decode graphs (its inputs move between "
-                    "steps); it runs eagerly from now on", self.captures,
+                    "INFINITEHIP: a layer captured %d decode graphs for one batch layout (its "
+                    "inputs move between steps); it runs eagerly from now on", n,
                 )  # fmt: skip
+        else:
+            self.graphs.move_to_end(sig)
         graph.replay()
         self.replays += 1
