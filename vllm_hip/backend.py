@@ -425,8 +425,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._own_mask_store: MaskStore | None = None
         self._reused_all = False
-        self._graphs: decode_graphs.LayerGraphs | None = None
         """Whether this layer's last selection reused every query block's cached one."""
+        self._graphs: decode_graphs.LayerGraphs | None = None
+        """This layer's decode graphs (made on its first decode step that may replay)."""
         self._mask_cache: LayerMaskCache | None = None
         """This layer's view of the mask store as of its last step (for tests and debugging)."""
         self._page_cache: DevicePageCache | None = None
@@ -893,7 +894,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         sig = decode_graphs.signature(
             *st_in.tensors(), io.q, io.k, io.v, io.out, key_cache, value_cache, sel_all, count_all, width,
             cos, sin, k_scale, v_scale, rotated, self.kv_cache_dtype, tuple(sorted(options.items())),
-            min(qb_cpu.max_seq_len, cfg.window_tokens + 1),
+            # the split-K count the launcher picks grows with the context up to sink and window
+            min(qb_cpu.max_seq_len, max(cfg.sink_tokens, cfg.window_tokens) + 1),
             *((cached.slot_of_page, cached.key_cache, cached.value_cache, cached.counters) if cached else ()),
         )  # fmt: skip
         st = hip_stats.get_stats()
