@@ -10,6 +10,7 @@ On a GPU the same tests run real CUDA graphs.
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +35,18 @@ def _decode_run(cfg, steps=12):
     batch = PagedBatch([L + steps + 8 for L in lens], hq, hkv, d, torch.float32, seed=5, num_pages=140)
     layers = [FakeLayer(3), FakeLayer(4)]
     impls = [make_impl(cfg, hq, hkv, d) for _ in layers]
+    if cfg.rope_mode == "streaming":  # positions assigned in the kernels, keys cached rotated
+        from vllm_hip import rope
+
+        hf = SimpleNamespace(model_type="llama", rope_theta=10000.0, head_dim=d, rope_scaling=None)
+        cos, sin = rope.rope_tables_from_config(hf, 1025, device=DEV)
+        for impl in impls:
+            impl._hf_config, impl._max_positions, impl.rope_handed_over = hf, 1024, False
+        assert impls[0].keys_rotated
+        for i in range(len(lens)):  # what the model hands every backend
+            t = torch.arange(batch.q[i].shape[0], device=DEV)
+            batch.q[i] = rope.apply_rope(batch.q[i], t, cos, sin)
+            batch.k[i] = rope.apply_rope(batch.k[i], t, cos, sin)
     tracker = RowTracker(num_pages=140, max_rows=4, device=torch.device(DEV))
     for i, L in enumerate(lens):
         for layer in layers:
@@ -52,8 +65,9 @@ def _decode_run(cfg, steps=12):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"offload": True, "offload_gpu_cache_tokens": 160}, {"offload": True, "offload_gpu_cache_tokens": 4096}],
-    ids=["plain", "offload-evicting", "offload"],
+    [{}, {"offload": True, "offload_gpu_cache_tokens": 160}, {"offload": True, "offload_gpu_cache_tokens": 4096},
+     {"rope_mode": "streaming"}],
+    ids=["plain", "offload-evicting", "offload", "streaming-rope"],
 )
 def test_replayed_reuse_steps_equal_eager(options):
     base = replace(small_sparse_config(refresh=(4, 2)), **options)
