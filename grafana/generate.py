@@ -226,13 +226,16 @@ def build() -> Dashboard:
         (left, y),
     ))
     d = d.with_panel(panel(
-        "Backend steps and exact fallbacks",
-        "Forward steps that ran INFINITEHIP, and steps attended exactly because the context "
-        "fits sink + window + k.",
+        "Backend steps, exact fallbacks, decode graphs",
+        "Forward steps that ran INFINITEHIP, steps attended exactly because the context fits "
+        "sink + window + k, and layer steps replayed as CUDA graphs (captures should stop once "
+        "each batch size has its graphs).",
         "short",
         [
             (rate(hip("steps")), "steps/s"),
             (rate(hip("exact_fallbacks")), "exact fallbacks/s"),
+            (rate(hip("decode_graph_replays")), "decode graph replays/s (layer steps)"),
+            (rate(hip("decode_graph_captures")), "decode graph captures/s"),
         ],
         (right, y),
     ))

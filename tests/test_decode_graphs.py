@@ -21,6 +21,7 @@ from test_backend import (  # noqa: E402
     DEV, FakeLayer, PagedBatch, fresh_offload_state, make_impl, run_impl, small_sparse_config,
 )
 from vllm_hip import decode_graphs  # noqa: E402
+from vllm_hip import stats as hip_stats  # noqa: E402
 from vllm_hip.masks import RowTracker  # noqa: E402
 
 
@@ -80,6 +81,9 @@ def test_replayed_reuse_steps_equal_eager(options):
     for impl in impls:
         g = impl._graphs
         assert g is not None and g.captures >= 2 and g.replays >= 6, (g.captures, g.replays)
+    st = hip_stats.get_stats()  # what /metrics exports
+    assert st.decode_graph_replays == sum(i._graphs.replays for i in impls)
+    assert st.decode_graph_captures == sum(i._graphs.captures for i in impls)
 
 
 def test_graphs_off_or_refreshing_every_step_never_capture():

@@ -80,6 +80,8 @@ def test_every_counter_has_a_recorder_and_reaches_the_snapshot():
     s.add_prune_seconds(0.5)
     s.add_attention_seconds(0.25)
     s.record_exact_fallback()
+    s.record_decode_graph(captured=True)
+    s.record_decode_graph(captured=False)
     s.record_step(3)
     snap = s.snapshot_and_reset()
     assert snap == {
@@ -87,7 +89,8 @@ def test_every_counter_has_a_recorder_and_reaches_the_snapshot():
         "attn_cache_hits": 9, "mask_estimation_cache_queries": 6,
         "mask_estimation_cache_hits": 3, "h2d_bytes": 100, "h2d_copy_bytes": 100, "h2d_seconds": 0.25,
         "selected_tokens": 2 * 2048 + 512, "attended_queries": 3, "prune_seconds": 0.5,
-        "attention_seconds": 0.25, "exact_fallbacks": 1, "steps": 3, "stage_refreshes": [],
+        "attention_seconds": 0.25, "exact_fallbacks": 1, "decode_graph_replays": 2,
+        "decode_graph_captures": 1, "steps": 3, "stage_refreshes": [],
         "gpu_cache_occupied_blocks": 0, "gpu_cache_capacity_blocks": 0, "gpu_cache_bytes": 0,
     }
 

@@ -902,7 +902,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         st.record_attended(n, k_tokens)
         st.record_mask_lookup(True, nb)
         self._reused_all = True
-        graphs.run(sig, body, layout=st_in.layout)
+        done = graphs.run(sig, body, layout=st_in.layout)
+        if done != "eager":
+            st.record_decode_graph(captured=done == "captured")
         out.copy_(io.out)
         if pc is not None:
             pc.stack.end_layer(md, pc.layer, None)  # a reuse step admits nothing

@@ -194,7 +194,9 @@ class LayerGraphs:
         self.replays = 0
         self.enabled = True
 
-    def run(self, sig: tuple, body: Callable[[], None], layout: object = None) -> None:
+    def run(self, sig: tuple, body: Callable[[], None], layout: object = None) -> str:
+        """Run ``body``'s step: ``"eager"`` (warm-up or a failed capture), ``"captured"`` (and
+        replayed) or ``"replayed"``."""
         entry = self.graphs.get(sig)
         graph = entry[0] if entry is not None else None
         if graph is None:
@@ -203,7 +205,7 @@ class LayerGraphs:
                     self.warm.clear()
                 self.warm.add(sig)
                 body()
-                return
+                return "eager"
             try:
                 graph = self.runner.capture(body)
             except Exception:
@@ -211,7 +213,7 @@ class LayerGraphs:
                 self.enabled = False
                 logger.exception("INFINITEHIP: capturing a decode graph failed; this layer runs eagerly from now on")
                 body()
-                return
+                return "eager"
             if len(self.graphs) >= self.MAX_GRAPHS:
                 _, (_, dropped) = self.graphs.popitem(last=False)
                 self.captures_of[dropped] -= 1  # dropped for room, not moved: not counted
@@ -224,7 +226,10 @@ class LayerGraphs:
                     "INFINITEHIP: a layer captured %d decode graphs for one batch layout (its "
                     "inputs move between steps); it runs eagerly from now on", n,
                 )  # fmt: skip
+            done = "captured"
         else:
             self.graphs.move_to_end(sig)
+            done = "replayed"
         graph.replay()
         self.replays += 1
+        return done

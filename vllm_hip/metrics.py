@@ -150,6 +150,10 @@ COUNTERS: tuple[MetricSpec, ...] = (
                "Seconds in block-sparse attention (only when backend timing is enabled)."),
     MetricSpec("exact_fallbacks", "counter",
                "Steps attended exactly because the context fits sink + window + k."),
+    MetricSpec("decode_graph_replays", "counter",
+               "Layer steps served by replaying a CUDA graph (decode steps that reuse every selection)."),
+    MetricSpec("decode_graph_captures", "counter",
+               "CUDA graphs captured for decode steps (per layer and batch layout)."),
     MetricSpec("steps", "counter", "Forward steps that ran the INFINITEHIP backend."),
 )
 

@@ -50,6 +50,8 @@ COUNTER_FIELDS: tuple[str, ...] = (
     "prune_seconds",
     "attention_seconds",
     "exact_fallbacks",
+    "decode_graph_replays",
+    "decode_graph_captures",
     "steps",
 )
 
@@ -131,6 +133,13 @@ class HipStats:
 
     exact_fallbacks: int = 0
     """Steps attended exactly because the context fits sink + window + k."""
+
+    decode_graph_replays: int = 0
+    """Layer steps served by replaying a decode graph (``decode_graphs``)."""
+
+    decode_graph_captures: int = 0
+    """Decode graphs captured (one per layer and batch layout; many later ones mean something
+    moves between steps)."""
 
     steps: int = 0
     """Forward steps that ran the backend."""
@@ -215,6 +224,11 @@ class HipStats:
 
     def record_exact_fallback(self, n: int = 1) -> None:
         self.exact_fallbacks += n
+
+    def record_decode_graph(self, captured: bool) -> None:
+        """A layer step replayed a decode graph, captured for it first if ``captured``."""
+        self.decode_graph_replays += 1
+        self.decode_graph_captures += int(captured)
 
     def record_step(self, n: int = 1) -> None:
         self.steps += n
