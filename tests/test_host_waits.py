@@ -28,6 +28,7 @@ pytest.importorskip("vllm")
 from test_backend import (  # noqa: E402
     DEV, FakeLayer, PagedBatch, fresh_offload_state, make_impl, run_impl, small_sparse_config,
 )
+from vllm_hip import stats as hip_stats  # noqa: E402
 from vllm_hip.masks import RowTracker  # noqa: E402
 
 _INDEX_PUTS = {torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
@@ -85,8 +86,9 @@ def no_host_waits(found: list[str]):
 
 def _serve(cfg, batch_invariant=False, watch=True):
     """Two layers through a decode step, a mixed step (row 1's prompt chunk beside row 0's
-    decode) and decode steps that refresh and reuse their masks; with offload, a page cache
-    too small for a row's key list (admissions evict)."""
+    decode), decode steps that refresh and reuse their masks, then row 0 alone (a batch whose
+    reuse steps replay decode graphs); with offload, a page cache too small for a row's key
+    list (admissions evict)."""
     fresh_offload_state()
     hq, hkv, d = 4, 2, 64
     batch = PagedBatch([620, 530], hq, hkv, d, torch.float32, seed=13, num_pages=120)
@@ -117,21 +119,29 @@ def _serve(cfg, batch_invariant=False, watch=True):
     for t in range(4):
         step([(0, pos, pos + 1), (1, 520 + t, 521 + t)], 5 + t, (0, 1))
         pos += 1
+    for t in range(6):  # row 0 alone: every other step reuses every selection with refresh (4, 2)
+        step([(0, pos, pos + 1)], 9 + t, (0,))
+        pos += 1
     return found
 
 
 @pytest.mark.parametrize(
-    "options,batch_invariant",
-    [({}, False), ({"offload": True, "offload_gpu_cache_tokens": 160}, False),
-     ({"offload": True, "offload_gpu_cache_tokens": 4096}, True)],
-    ids=["plain", "offload-evicting", "offload-batch-invariant"],
+    "options,batch_invariant,refresh",
+    [({}, False, (2, 1)), ({"offload": True, "offload_gpu_cache_tokens": 160}, False, (2, 1)),
+     ({"offload": True, "offload_gpu_cache_tokens": 4096}, True, (2, 1)),
+     ({"offload": True, "offload_gpu_cache_tokens": 4096}, False, (4, 2))],
+    ids=["plain", "offload-evicting", "offload-batch-invariant", "offload-decode-graphs"],
 )  # fmt: skip
-def test_serving_steps_never_wait_for_the_gpu(options, batch_invariant):
-    cfg = replace(small_sparse_config(refresh=(2, 1)), **options)
+def test_serving_steps_never_wait_for_the_gpu(options, batch_invariant, refresh):
+    """(4, 2): decode steps that reuse every selection, replayed as decode graphs (captured in
+    the unwatched first pass on a GPU)."""
+    cfg = replace(small_sparse_config(refresh=refresh), **options)
     if torch.cuda.is_available():
         _serve(cfg, batch_invariant, watch=False)  # compile every kernel first, unwatched
     found = _serve(cfg, batch_invariant)
     assert not found, "scalar assigned through index tensors (a blocking copy on a GPU):\n" + "\n".join(found)
+    if refresh == (4, 2):
+        assert hip_stats.get_stats().decode_graph_replays > 0  # the graph path was watched too
 
 
 def test_the_watch_sees_a_scalar_index_put():
