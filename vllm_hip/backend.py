@@ -598,7 +598,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         rope = self._rope_tables(q.device)
         rotated = self.keys_rotated
-        if rope is not None and not self.rope_handed_over and not rotated:
+        unrotating = rope is not None and not self.rope_handed_over and not rotated
+        if unrotating:
             from vllm_hip.rope import unrotate
 
             # rope_cache="unrotated" but the model rotated q and k (its RoPE was not handed
@@ -610,7 +611,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k_scale = float(getattr(layer, "_k_scale_float", 1.0))
         v_scale = float(getattr(layer, "_v_scale_float", 1.0))
         layer_idx = self._layer_index(layer)
-        unrotating = rope is not None and not self.rope_handed_over and not rotated
         if not unrotating and self._replay_reuse(layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache,
                                                  md, output, k_scale, v_scale, rope, rotated):  # fmt: skip
             return output
@@ -640,39 +640,18 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             if not all(kind.staged for kind in classes):
                 if not self.hip_config.offload_prefill_staging and not bool(md.is_decode_row.all()):
                     self._admit_prefill_windows(pc, md)
-                ck, cv = pc.kv.unbind(1)
-                cached = CachedPages(pc.slot_of_page, _fp8_view(ck, fp8), _fp8_view(cv, fp8), pc.counters)
-                reads[False] = _KeyReads(key_cache, value_cache, cached, md.block_table)
+                reads[False] = _KeyReads(key_cache, value_cache, _cached_pages(pc, fp8), md.block_table)
 
         sel, sel_count = self._select(layer_idx, q, reads, md, k_scale, rope, rotated)
-        from vllm_hip_kernels import sparse_attention as sa
-
         out = output[:n].view(n, self.num_heads, self.head_size)
         for kind in classes:
-            r = reads[kind.staged]
-            sa.sparse_attention(
-                q,
-                r.key_cache,
-                r.value_cache,
-                r.block_table,
-                md.seq_lens,
-                kind.blocks,
+            self._attend(
+                q, reads[kind.staged], md.seq_lens, kind.blocks,
                 sel if kind.idx is None else sel[kind.idx],
                 sel_count if kind.idx is None else sel_count[kind.idx],
-                sink_tokens=self.hip_config.sink_tokens,
-                block_size_k=self.hip_config.block_size_k,
-                sm_scale=self.scale,
-                softcap=self.logits_soft_cap,
-                k_scale=k_scale,
-                v_scale=v_scale,
-                cos=rope[0] if rope is not None else None,
-                sin=rope[1] if rope is not None else None,
-                window_tokens=self.hip_config.window_tokens,
-                keys_rotated=rotated,
-                page_cache=r.page_cache,
-                out=out,  # straight into vLLM's output buffer (no copy)
-                **kind.options,
-            )
+                k_scale, v_scale, rope, rotated,
+                out, kind.options,  # straight into vLLM's output buffer (no copy)
+            )  # fmt: skip
         if pc is not None:
             # A step that reused every selection reads the pages admitted when they were made
             # (plus the window's newest tokens, read from host memory until the next refresh):
@@ -680,6 +659,21 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             pages = None if self._reused_all else self._decode_pages(pc, md, sel, sel_count)
             pc.stack.end_layer(md, pc.layer, pages)
         return output
+
+    def _attend(self, q, reads: "_KeyReads", seq_lens, blocks, sel, sel_count, k_scale, v_scale, rope,
+                rotated, out, options) -> None:  # fmt: skip
+        """Sparse attention of ``blocks`` with this layer's settings, into ``out``."""
+        from vllm_hip_kernels import sparse_attention as sa
+
+        cfg = self.hip_config
+        sa.sparse_attention(
+            q, reads.key_cache, reads.value_cache, reads.block_table, seq_lens, blocks, sel, sel_count,
+            sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, sm_scale=self.scale,
+            softcap=self.logits_soft_cap, k_scale=k_scale, v_scale=v_scale,
+            cos=rope[0] if rope is not None else None, sin=rope[1] if rope is not None else None,
+            window_tokens=cfg.window_tokens, keys_rotated=rotated, page_cache=reads.page_cache, out=out,
+            **options,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ selection
     def _select(
@@ -859,14 +853,9 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         if width > cache.sel.shape[1]:
             return False
 
-        from vllm_hip_kernels import sparse_attention as sa
-
         fp8 = self.kv_cache_dtype.startswith("fp8")
         pc = self._offload_page_cache(kv_cache)
-        cached = None
-        if pc is not None:
-            ck, cv = pc.kv.unbind(1)
-            cached = CachedPages(pc.slot_of_page, _fp8_view(ck, fp8), _fp8_view(cv, fp8), pc.counters)
+        cached = _cached_pages(pc, fp8) if pc is not None else None
         if md.graph_statics is None:
             md.graph_statics = decode_graphs.step_statics(md.slot_mapping, md.seq_lens, md.block_table, md.qblocks)
         st_in = md.graph_statics
@@ -876,20 +865,15 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         options = self._launch_classes(md)[0].options
         sel_all, count_all = cache.sel, cache.sel_count
         cos, sin = rope if rope is not None else (None, None)
+        reads = _KeyReads(key_cache, value_cache, cached, st_in.block_table)
 
         def body() -> None:
             write_kv_cache(io.k, io.v, key_cache, value_cache, st_in.slot_mapping, self.kv_cache_dtype, layer)
             if pc is not None:
                 pc.mirror_new_tokens(st_in.slot_mapping)
             rows = st_in.qblocks.seq.long()  # decode only: block i is row i's one query
-            sa.sparse_attention(
-                io.q, key_cache, value_cache, st_in.block_table, st_in.seq_lens, st_in.qblocks,
-                sel_all[rows, :width], count_all[rows],
-                sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, sm_scale=self.scale,
-                softcap=self.logits_soft_cap, k_scale=k_scale, v_scale=v_scale, cos=cos, sin=sin,
-                window_tokens=cfg.window_tokens, keys_rotated=rotated, page_cache=cached, out=io.out,
-                **options,
-            )  # fmt: skip
+            self._attend(io.q, reads, st_in.seq_lens, st_in.qblocks, sel_all[rows, :width], count_all[rows],
+                         k_scale, v_scale, rope, rotated, io.out, options)  # fmt: skip
 
         sig = decode_graphs.signature(
             *st_in.tensors(), io.q, io.k, io.v, io.out, key_cache, value_cache, sel_all, count_all, width,
@@ -1010,6 +994,12 @@ class _KeyReads:
 
 def _fp8_view(cache: torch.Tensor, fp8: bool) -> torch.Tensor:
     return cache.view(torch.float8_e4m3fn) if fp8 else cache
+
+
+def _cached_pages(pc: DevicePageCache, fp8: bool) -> CachedPages:
+    """How the kernels read a layer's GPU page cache (views taken anew: the stack may grow)."""
+    ck, cv = pc.kv.unbind(1)
+    return CachedPages(pc.slot_of_page, _fp8_view(ck, fp8), _fp8_view(cv, fp8), pc.counters)
 
 
 @dataclass(frozen=True)
