@@ -21,7 +21,8 @@
 #   bash benchmarks/gpu_suite.sh faults    # the fault suite alone, GPU runs of FAULT_TESTS beside it
 #   bash benchmarks/gpu_suite.sh load      # 64 clients against INFINITEHIP and FLASH_ATTN (timed alone;
 #                                          # LOAD_PARALLEL=1 both at once, LOAD_INVARIANT=1 batch-
-#                                          # invariant mode, LOAD_FAULTS=1 the fault suite beside)
+#                                          # invariant mode, LOAD_FAULTS=1 the fault suite beside,
+#                                          # LOAD_TESTS="tests/x.py .." GPU test runs beside)
 #
 # "quality" runs its jobs side by side on one GPU (small --gpu-memory-utilization each) under
 # one deadline (SUITE_BUDGET seconds, default 540): every job gets a timeout that ends before
@@ -261,10 +262,16 @@ load)
     done
     # LOAD_FAULTS=1: the fault suite beside the loaded servers (its own small server)
     if [ "${LOAD_FAULTS:-0}" = 1 ]; then run_faults & lpids+=($!); fi
+    # LOAD_TESTS="tests/..": GPU runs of those test files beside (a small test process)
+    if [ -n "${LOAD_TESTS:-}" ]; then
+      (timeout -k 10 "$(left 20)" python3 -m pytest -q -p no:cacheprovider $LOAD_TESTS \
+          >"$OUT/pytest_gpu_load_tests.log" 2>&1; echo "exit $?" >>"$OUT/pytest_gpu_load_tests.log") & lpids+=($!)
+    fi
     wait "${lpids[@]}"
     python3 -c "import json,sys; json.dump(sum((json.load(open(f)) for f in sys.argv[2:]), []), open(sys.argv[1], 'w'), indent=1)" \
       "$OUT/load.json" "$OUT"/load_*.json 2>/dev/null
     tail -n 15 "$OUT"/load_*.log
+    [ -f "$OUT/pytest_gpu_load_tests.log" ] && tail -n 5 "$OUT/pytest_gpu_load_tests.log"
   else
     python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}" \
       --duration "${LOAD_DURATION:-90}" --concurrency 64 "${inv[@]}" \

@@ -386,6 +386,14 @@ def make_records(
         elif metric.endswith("_growth_mib"):
             rec["memory_mib"] = summary.get(metric.replace("_growth_mib", "_mib"))
         records.append(rec)
+    graphs = summary.get("decode_graphs")
+    if graphs and graphs["decode_layer_steps"] > 0:
+        # how much of the decode work replayed CUDA graphs (layer steps, warm-up included)
+        records.append({
+            "metric": "decode_graph_replay_fraction", "backend": backend, "context_tokens": context_tokens,
+            "value": graphs["replays"] / graphs["decode_layer_steps"], "unit": "fraction", "device": device,
+            "command": command, **extra, **common, **graphs,
+        })  # fmt: skip
     return records
 
 
@@ -616,6 +624,7 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
             ticker.cancel()
         elapsed = time.perf_counter() - t0
         rss1, gpu1 = host_rss_mib(opt.server_pid), gpu_memory_mib(opt.server_pid)
+        graphs = await decode_graph_use(s, base)
 
         # Alone, one at a time: the reference each loaded output must equal.
         used = sorted({r.prompt_id for r in results if r.kind in ("ok", "cancelled")})
@@ -632,9 +641,30 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
     summary.update(memory_growth("host_rss", rss_samples, rss1, rss2))
     summary.update(memory_growth("gpu_memory", gpu_samples, gpu1, gpu2))
     summary["prompt_tokens"] = [p.tokens for p in prompts]
+    summary["decode_graphs"] = graphs
     summary["results"] = results
     summary["solo"] = solo
     return summary
+
+
+async def decode_graph_use(session: aiohttp.ClientSession, base: str) -> dict[str, float] | None:
+    """INFINITEHIP's decode-graph counters from ``/metrics`` after the load (warm-up included):
+    layer steps replayed, graphs captured, decode layer steps in all; None for other backends
+    or without metrics."""
+    try:
+        async with session.get(f"{base}/metrics", timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    from metrics_records import series_sums  # this folder's; prometheus-client comes with vLLM
+
+    sums = series_sums(text)
+    if "mask_cache_queries" not in sums:
+        return None
+    return {"replays": sums.get("decode_graph_replays", 0.0), "captures": sums.get("decode_graph_captures", 0.0),
+            "decode_layer_steps": sums["mask_cache_queries"]}  # fmt: skip
 
 
 def print_summary(backend: str, s: dict[str, Any]) -> None:
@@ -649,6 +679,10 @@ def print_summary(backend: str, s: dict[str, Any]) -> None:
           f"{f(s['p50_latency_s'])}s p99 {f(s['p99_latency_s'])}s, TTFT p50 {f(s['p50_ttft_s'])}s "
           f"p99 {f(s['p99_ttft_s'])}s, host RSS growth {f(s.get('host_rss_growth_mib'))} MiB, "
           f"GPU memory growth {f(s.get('gpu_memory_growth_mib'))} MiB")  # fmt: skip
+    if s.get("decode_graphs"):
+        g = s["decode_graphs"]
+        print(f"   decode graphs: {g['replays']:.0f} of {g['decode_layer_steps']:.0f} decode layer steps "
+              f"replayed, {g['captures']:.0f} captures")  # fmt: skip
     for e in s["error_examples"][:5]:
         print("   error:", e)
     for m in s["mismatch_examples"][:3]:

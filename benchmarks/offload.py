@@ -159,6 +159,8 @@ def worker(args) -> int:
             for q in (50, 90):
                 rec[f"decode_step_ms_p{q}"] = 1e3 * gaps[min(len(gaps) - 1, len(gaps) * q // 100)]
             rec["decode_step_ms_max"] = 1e3 * gaps[-1]
+            # every step in order: warm-up, refresh and replayed steps tell apart by eye
+            rec["decode_step_ms"] = [round(1e3 * (b - a), 2) for a, b in zip(steady, steady[1:])]
         if profiled:
             rec.update(profiled)
         if base is not None:
@@ -166,7 +168,8 @@ def worker(args) -> int:
             d = {k: end[k] - base[k] for k in ("attn_cache_queries", "attn_cache_hits",
                                                "mask_cache_queries", "mask_cache_hits",
                                                "mask_estimation_cache_queries",
-                                               "mask_estimation_cache_hits", "h2d_bytes")}
+                                               "mask_estimation_cache_hits", "h2d_bytes",
+                                               "decode_graph_replays", "decode_graph_captures")}
             rec.update(d)
             rec["gpu_cache_capacity_blocks"] = end["gpu_cache_capacity_blocks"]
         rec["dense_kv_bytes"] = n * per_tok
@@ -257,7 +260,9 @@ def records_from(backend: str, lines: list[dict], device: str, command: str, sha
         if "decode_tokens_per_s" in r:
             rec("decode_tokens_per_s", n, r["decode_tokens_per_s"], "tokens/s",
                 decode_tokens=r["decode_tokens"],
-                **{k: r[k] for k in ("decode_step_ms_p50", "decode_step_ms_p90", "decode_step_ms_max") if k in r})
+                **{k: r[k] for k in ("decode_step_ms_p50", "decode_step_ms_p90", "decode_step_ms_max",
+                                     "decode_step_ms", "decode_graph_replays", "decode_graph_captures",
+                                     "mask_cache_queries") if k in r})
         if "gpu_time_per_step_ms" in r:
             rec("decode_step_gpu_ms", n, r["gpu_time_per_step_ms"], "ms",
                 kernels_per_step=r["kernels_per_step"], profiled_steps=r["profiled_decode_steps"],

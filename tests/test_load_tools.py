@@ -76,8 +76,11 @@ def _err(status: int, message: str) -> web.Response:
 
 
 class FakeServer:
-    def __init__(self, faults: Faults | None = None, max_model_len: int = 512, model: str = "fake-model"):
+    def __init__(self, faults: Faults | None = None, max_model_len: int = 512, model: str = "fake-model",
+                 hip_counters: dict[str, int] | None = None):  # fmt: skip
         self.faults = faults or Faults()
+        self.hip_counters = hip_counters or {}
+        """INFINITEHIP counters its /metrics exports (name without prefix and _total: value)."""
         self.max_model_len = max_model_len
         self.model = model
         self.n = Injected()
@@ -104,6 +107,9 @@ class FakeServer:
             f'vllm:num_requests_running{{model_name="{self.model}"}} {self.n.running}\n'
             f'vllm:num_requests_waiting{{model_name="{self.model}"}} 0\n'
             f'vllm:num_preemptions_total{{model_name="{self.model}"}} {self.n.preemptions}\n'
+            + "".join(f"# TYPE vllm:infinitehip_{k}_total counter\n"
+                      f'vllm:infinitehip_{k}_total{{model_name="{self.model}",engine="0"}} {v}\n'
+                      for k, v in self.hip_counters.items())
         ))  # fmt: skip
 
     def output(self, prompt, n: int, drift: bool) -> list[str]:
@@ -366,6 +372,19 @@ def test_load_against_a_clean_server(tmp_path):
     details = json.load(open(tmp_path / "d_FAKE.json"))
     assert len(details) == se["requests"] + se["verified_prompts"]
     assert fake.n.running == 0  # cancelled streams were closed, not left open
+
+
+def test_load_records_how_much_decode_replayed_graphs(tmp_path):
+    out = str(tmp_path / "load.json")
+    counters = {"decode_graph_replays": 300, "decode_graph_captures": 12, "mask_cache_queries": 400}
+    with FakeServer(Faults(token_delay=0.001), hip_counters=counters) as fake:
+        assert load_test.main(_load_args(fake.url, out)) == 0
+    rec = _records(out)[("FAKE", "decode_graph_replay_fraction")]
+    assert rec["value"] == 0.75 and (rec["replays"], rec["captures"], rec["decode_layer_steps"]) == (300, 12, 400)
+    assert RECORD_KEYS <= set(rec)
+    with FakeServer(Faults(token_delay=0.001)) as fake:  # another backend: no record
+        assert load_test.main(_load_args(fake.url, out)) == 0
+    assert ("FAKE", "decode_graph_replay_fraction") not in _records(out)
 
 
 def test_load_counts_injected_server_errors_exactly(tmp_path):

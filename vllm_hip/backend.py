@@ -611,8 +611,8 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         k_scale = float(getattr(layer, "_k_scale_float", 1.0))
         v_scale = float(getattr(layer, "_v_scale_float", 1.0))
         layer_idx = self._layer_index(layer)
-        if not unrotating and self._replay_reuse(layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache,
-                                                 md, output, k_scale, v_scale, rope, rotated):  # fmt: skip
+        if not unrotating and self._replay_decode(layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache,
+                                                  md, output, k_scale, v_scale, rope, rotated):  # fmt: skip
             return output
         write_kv_cache(k, v, key_cache, value_cache, md.slot_mapping, self.kv_cache_dtype, layer)
         if md.flash is not None:
@@ -824,11 +824,15 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         classes = self._launch_classes(md, kv_cache)
         return len(classes) == 1 and classes[0].idx is None and not classes[0].staged
 
-    def _replay_reuse(self, layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache, md, output,
-                      k_scale, v_scale, rope, rotated) -> bool:  # fmt: skip
-        """Attention of a decode step that reuses every cached selection of this layer, as a
-        graph replay (``vllm_hip.decode_graphs``); False when the step or layer does not
-        qualify (the caller then runs the eager path)."""
+    def _replay_decode(self, layer, layer_idx, q, k, v, kv_cache, key_cache, value_cache, md, output,
+                       k_scale, v_scale, rope, rotated) -> bool:  # fmt: skip
+        """Attention of a decode step as a graph replay (``vllm_hip.decode_graphs``); False
+        when the step or layer does not qualify (the caller then runs the eager path).
+
+        Rows that refresh their selection run pruning eagerly first, which stores every decode
+        row's selection in the mask cache; the graph then reads every row's selection from
+        there, so refresh and reuse steps replay one graph. Pruning reads keys before the
+        window only, never this step's new ones, so it may run before the graph writes them."""
         cfg = self.hip_config
         if not cfg.decode_graphs or md.graph_ok is False:
             return False
@@ -847,8 +851,6 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             return False
         plan, _ = self._refresh_plan(layer_idx, k_tokens, md)
         nb, width = qb_cpu.num_blocks, k_tokens // cfg.block_size_k
-        if plan.reuse.numel() != nb:
-            return False
         cache = self._layer_mask_cache(self._stages(layer_idx), md, q.device)
         if width > cache.sel.shape[1]:
             return False
@@ -856,6 +858,17 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
         fp8 = self.kv_cache_dtype.startswith("fp8")
         pc = self._offload_page_cache(kv_cache)
         cached = _cached_pages(pc, fp8) if pc is not None else None
+        st = hip_stats.get_stats()
+        reuse_all = plan.reuse.numel() == nb
+        if reuse_all:
+            st.record_attended(md.num_actual_tokens, k_tokens)
+            st.record_mask_lookup(True, nb)
+            self._reused_all = True
+            sel = sel_count = None
+        else:
+            # decode rows only: every row's new selection goes to the mask cache (_select)
+            eager_reads = {False: _KeyReads(key_cache, value_cache, cached, md.block_table)}
+            sel, sel_count = self._select(layer_idx, q, eager_reads, md, k_scale, rope, rotated)
         if md.graph_statics is None:
             md.graph_statics = decode_graphs.step_statics(md.slot_mapping, md.seq_lens, md.block_table, md.qblocks)
         st_in = md.graph_statics
@@ -882,16 +895,14 @@ class InfiniteHipImpl(AttentionImpl[InfiniteHipMetadata]):
             min(qb_cpu.max_seq_len, max(cfg.sink_tokens, cfg.window_tokens) + 1),
             *((cached.slot_of_page, cached.key_cache, cached.value_cache, cached.counters) if cached else ()),
         )  # fmt: skip
-        st = hip_stats.get_stats()
-        st.record_attended(n, k_tokens)
-        st.record_mask_lookup(True, nb)
-        self._reused_all = True
         done = graphs.run(sig, body, layout=st_in.layout)
         if done != "eager":
             st.record_decode_graph(captured=done == "captured")
         out.copy_(io.out)
         if pc is not None:
-            pc.stack.end_layer(md, pc.layer, None)  # a reuse step admits nothing
+            # a reuse step admits nothing (see forward)
+            pages = None if reuse_all else self._decode_pages(pc, md, sel, sel_count)
+            pc.stack.end_layer(md, pc.layer, pages)
         return True
 
     def _layer_mask_cache(self, stages: list["_Stage"], md: InfiniteHipMetadata, device) -> LayerMaskCache:

@@ -191,12 +191,13 @@ class InfiniteHipConfig:
     several."""
 
     decode_graphs: bool = True
-    """Replay each layer's attention as a CUDA graph on decode steps that reuse every cached
-    selection (with the paper's 16/8/4, three steps in four): the KV write, the page-cache
-    write-through, the selection gathers and the sparse attention launch as one graph replay,
-    captured per layer and batch size on first use (``vllm_hip.decode_graphs``). Attention
-    runs between vLLM's CUDA graphs, so without this each layer pays the host cost of those
-    launches on every step. Steps that refresh a selection, prefill or mix run eagerly."""
+    """Replay each layer's attention as a CUDA graph on decode steps: the KV write, the
+    page-cache write-through, the selection gathers and the sparse attention launch as one
+    graph replay, captured per layer and batch size on first use (``vllm_hip.decode_graphs``).
+    Rows that refresh their selection on the step run pruning eagerly before the replay.
+    Attention runs between vLLM's CUDA graphs, so without this each layer pays the host cost
+    of those launches on every step. Prefill and mixed steps, and steps whose rows all attend
+    exactly, run eagerly."""
 
     stages: tuple[PruningStage, ...] = field(default_factory=lambda: _stages_3k(REFRESH_PRESETS["paper"]))
     """Pruning stages, coarse to fine. Default: the paper's 3K preset (256 → 32 → 8)."""

@@ -1,11 +1,14 @@
-"""CUDA graphs of one layer's attention on decode steps that reuse every cached selection.
+"""CUDA graphs of one layer's attention on decode steps.
 
 Attention runs eagerly between vLLM's piecewise CUDA graphs, once per layer. On a decode step
 that reuses its selections (three steps in four with the paper's 16/8/4 intervals) a layer's
 work is a handful of small launches: the KV write, the page-cache write-through, two gathers
 of the cached selection and the sparse attention kernel. At 1M tokens on an H200 those steps
 took ~42 ms of host time for ~8 ms of GPU work. Here each layer captures that sequence once
-per batch size and replays it.
+per batch size and replays it. On a step where some rows refresh their selection (in a batch,
+rows refresh on their own positions, so most steps of a large batch have some), pruning runs
+eagerly first and leaves every row's selection in the mask cache, where the same graph reads
+it.
 
 A graph reads the addresses it was captured with, so everything it reads from the step lives in
 static buffers: the step's metadata is copied into :class:`StepStatics` once per step (shared
