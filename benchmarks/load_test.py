@@ -625,6 +625,14 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
         rss1, gpu1 = host_rss_mib(opt.server_pid), gpu_memory_mib(opt.server_pid)
         graphs = await decode_graph_use(s, base)
+        # the load phase's numbers now, in case the solo re-sends below are cut off
+        interim = summarize(results, {}, elapsed)
+        print(f"load phase: ok {interim['ok']}, server errors {interim['server_errors']}, "
+              f"{interim['requests_per_s']:.3f} req/s, latency p50 {interim['p50_latency_s']}s "
+              f"p99 {interim['p99_latency_s']}s"
+              + ("" if not graphs else f"; decode graphs: {graphs['replays']:.0f} of "
+                 f"{graphs['decode_layer_steps']:.0f} decode layer steps replayed, {graphs['captures']:.0f} captures"),
+              flush=True)  # fmt: skip
 
         # Alone, one at a time: the reference each loaded output must equal.
         used = sorted({r.prompt_id for r in results if r.kind in ("ok", "cancelled")})

@@ -374,11 +374,13 @@ def test_load_against_a_clean_server(tmp_path):
     assert fake.n.running == 0  # cancelled streams were closed, not left open
 
 
-def test_load_records_how_much_decode_replayed_graphs(tmp_path):
+def test_load_records_how_much_decode_replayed_graphs(tmp_path, capsys):
     out = str(tmp_path / "load.json")
     counters = {"decode_graph_replays": 300, "decode_graph_captures": 12, "mask_cache_queries": 400}
     with FakeServer(Faults(token_delay=0.001), hip_counters=counters) as fake:
         assert load_test.main(_load_args(fake.url, out)) == 0
+    # also printed when the load phase ends, before the solo re-sends (a cut-off run keeps it)
+    assert "decode graphs: 300 of 400 decode layer steps replayed, 12 captures" in capsys.readouterr().out
     rec = _records(out)[("FAKE", "decode_graph_replay_fraction")]
     assert rec["value"] == 0.75 and (rec["replays"], rec["captures"], rec["decode_layer_steps"]) == (300, 12, 400)
     assert RECORD_KEYS <= set(rec)
