@@ -331,7 +331,13 @@ def test_mask_estimation_reads_cached_pages_from_the_cache(fraction):
     from vllm_hip_kernels.prune_reference import select_blocks_reference
 
     want, want_n, _ = select_blocks(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw)
-    ref, ref_n, _ = select_blocks_reference(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw)
+    pages_read = []  # the reference's sampled keys, as pages (its on_read hook)
+
+    def on_read(stage, seq, tok, read):
+        pages_read.append(case.block_table[seq, (tok[read] // kv.shape[2]).to(DEV)].long().cpu())
+
+    ref, ref_n, _ = select_blocks_reference(*replace(case, key_cache=kv[:, 0]).args(), stages, **kw,
+                                            on_read=on_read)  # fmt: skip
     assert torch.equal(want_n.cpu(), ref_n.cpu()) and int(want_n.sum()) > 0
     chosen = torch.randperm(kv.shape[0], generator=torch.Generator().manual_seed(1))
     chosen = chosen[: int(kv.shape[0] * fraction)].to(DEV)
@@ -350,6 +356,10 @@ def test_mask_estimation_reads_cached_pages_from_the_cache(fraction):
     h2d, rows, hits = c[COUNTER_SLOTS["h2d_bytes"]], c[COUNTER_SLOTS["mask_rows"]], c[COUNTER_SLOTS["mask_hits"]]
     assert rows > 0
     assert h2d == (rows - hits) * 64 * 2  # one bf16 key head row per miss
+    # the reference's hook sees exactly the reads the kernel counts, and which of them hit
+    read = torch.cat(pages_read)
+    assert read.numel() == rows
+    assert int(torch.isin(read, chosen.long().cpu()).sum()) == hits
     if fraction == 0.0:
         assert hits == 0
     elif fraction == 1.0:

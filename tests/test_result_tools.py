@@ -178,3 +178,31 @@ def test_passkey_sweep_probe_and_records_count_only_prompts_every_config_answere
     assert [(r["backend"], r["value"], r["trials"]) for r in recs] == [
         ("INFINITEHIP[a]", 1.0, 1), ("INFINITEHIP[b]", 0.0, 1)]
     assert recs[1]["options"] == {"block_size_q": 16} and recs[0]["mean_layers_seeing_needle"] == 3
+
+
+def test_mask_estimation_read_study_counts_and_caches(tmp_path):
+    """benchmarks/mask_estimation_reads.py on random keys: every refresh after the first is
+    counted, a larger cache never hits less, a cache of every key row misses only first reads."""
+    import torch
+    from types import SimpleNamespace
+
+    from benchmarks import mask_estimation_reads as mer
+
+    g = torch.Generator().manual_seed(0)
+    steps, context = 12, 2304
+    keys = torch.randn(1, context + steps, 1, 64, generator=g).to(torch.bfloat16)
+    queries = torch.randn(1, steps, 2, 64, generator=g).to(torch.bfloat16)
+    hf = SimpleNamespace(model_type="llama", rope_theta=10000.0, head_dim=64, rope_scaling=None)
+    stats, ws = mer.simulate(keys, queries, hf, context, [0.01, 0.2, 1.0], progress=False)
+    assert ws and 0 < ws[0] < 1
+    totals = {c: (sum(stats[(s, c)][0] for s in range(3)), sum(stats[(s, c)][1] for s in range(3)))
+              for c in (0.01, 0.2, 1.0)}  # fmt: skip
+    assert len({q for _, q in totals.values()}) == 1 and totals[1.0][1] > 0  # same reads for every size
+    assert totals[0.01][0] <= totals[0.2][0] <= totals[1.0][0] <= totals[1.0][1]
+    assert totals[1.0][0] > 0  # reads repeat between refreshes
+    args = SimpleNamespace(context=context, decode_steps=steps, like_context=None)
+    recs = mer.records(stats, ws, args, device="cpu")
+    assert {r["metric"] for r in recs} == {"cache_hit_rate", "mask_estimation_working_set"}
+    assert all({"metric", "backend", "context_tokens", "value", "unit", "device", "command"} <= set(r) for r in recs)
+    mer.plot(recs, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -9,7 +9,7 @@ RoPE applies, cast to ``q.dtype``; dots then run in float64 (the kernels accumul
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -78,9 +78,15 @@ def score_chunks_reference(
     rope_distance: int = 1024,
     score_norm: str = "none",
     keys_rotated: bool = False,
+    on_read: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of :func:`vllm_hip_kernels.prune.score_chunks`: (scores [NB, C] fp32,
-    starts [NB, C] int32, n_cand [NB] int32)."""
+    starts [NB, C] int32, n_cand [NB] int32).
+
+    ``on_read(seq, tok, read)``, if given, sees every key the search samples, as the kernel
+    counts them: token positions ``tok`` [chunks, Hkv] of sequence ``seq`` and which of them
+    were read (``read`` bool; a half that does not exist is not). Used to study which keys
+    mask estimation reads (``benchmarks/mask_estimation_reads.py``)."""
     rotated = keys_rotated and mask_rope is not None
     dev = q.device
     nb = qblocks.num_blocks
@@ -151,8 +157,13 @@ def score_chunks_reference(
             half = (length + 1) // 2
             mid = lo + half
             has_r = length > half
-            s_l = score(lo + half // 2)
-            s_r = score(torch.where(has_r, mid + (length - half) // 2, lo))
+            tok_l = lo + half // 2
+            tok_r = torch.where(has_r, mid + (length - half) // 2, lo)
+            if on_read is not None:
+                on_read(seq, tok_l, torch.ones_like(has_r))
+                on_read(seq, tok_r, has_r)
+            s_l = score(tok_l)
+            s_r = score(tok_r)
             s_r = torch.where(has_r, s_r, torch.full_like(s_r, float("-inf")))
             go_r = s_r > s_l
             best = torch.maximum(best, torch.maximum(s_l, s_r))
@@ -186,13 +197,15 @@ def run_stage_reference(
     rope_distance: int = 1024,
     score_norm: str = "none",
     keys_rotated: bool = False,
+    on_read: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`vllm_hip_kernels.prune.run_stage`."""
+    """Reference of :func:`vllm_hip_kernels.prune.run_stage` (``on_read``: see
+    :func:`score_chunks_reference`)."""
     scores, starts, _ = score_chunks_reference(
         q, key_cache, block_table, seq_lens, qblocks, cand_starts, cand_count,
         chunk_size=chunk_size, query_pool=query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
         mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, score_norm=score_norm,
-        keys_rotated=keys_rotated,
+        keys_rotated=keys_rotated, on_read=on_read,
     )
     nb = scores.shape[0]
     out = torch.full((nb, keep_chunks), -1, dtype=torch.int32)
@@ -251,8 +264,10 @@ def select_blocks_reference(
     cached_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     first_stage: int = 0,
     keys_rotated: bool = False,
+    on_read: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Reference of :func:`vllm_hip_kernels.prune.select_blocks`."""
+    """Reference of :func:`vllm_hip_kernels.prune.select_blocks`. ``on_read(stage, seq, tok,
+    read)`` sees the keys each stage samples (see :func:`score_chunks_reference`)."""
     nb = qblocks.num_blocks
     if len(stages) == 0:
         return (
@@ -273,6 +288,7 @@ def select_blocks_reference(
             query_pool=st.query_pool, sink_tokens=sink_tokens, k_scale=k_scale,
             mask_rope=mask_rope, cos=cos, sin=sin, rope_distance=rope_distance, score_norm=score_norm,
             keys_rotated=keys_rotated,
+            on_read=None if on_read is None else (lambda seq, tok, read, i=i: on_read(i, seq, tok, read)),
         )
         if i + 1 < len(stages):
             inp = split_chunks_reference(
