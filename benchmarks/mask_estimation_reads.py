@@ -34,11 +34,9 @@ sets at 16K are all of stage 1's chunks (its 32K keep covers the whole context),
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
-import sysconfig
 import time
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -48,29 +46,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.passkey import english_text  # noqa: E402
+
 CAPACITIES = (0.01, 0.02, 0.04, 0.0625, 0.1, 0.2, 0.4, 1.0)
-
-
-def prose(n_chars: int) -> str:
-    """English prose: docstrings of the standard library, in a fixed order."""
-    parts, total = [], 0
-    lib = sysconfig.get_paths()["stdlib"]
-    for name in sorted(os.listdir(lib)):
-        if not name.endswith(".py"):
-            continue
-        try:
-            tree = ast.parse(open(os.path.join(lib, name), encoding="utf-8").read())
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    parts.append(doc)
-                    total += len(doc)
-        if total >= n_chars:
-            break
-    return "\n\n".join(parts)
 
 
 def capture_qk(model_path: str, n_tokens: int, n_queries: int):
@@ -79,7 +57,7 @@ def capture_qk(model_path: str, n_tokens: int, n_queries: int):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    ids = tok(prose(6 * n_tokens), return_tensors="pt").input_ids[:, :n_tokens]
+    ids = tok(english_text(6 * n_tokens), return_tensors="pt").input_ids[:, :n_tokens]
     if ids.shape[1] < n_tokens:
         raise SystemExit(f"only {ids.shape[1]} tokens of text, {n_tokens} asked")
     keys, queries = {}, {}
