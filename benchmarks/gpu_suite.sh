@@ -254,7 +254,9 @@ load)
     lpids=(); port=8141
     IFS=, read -ra lbs <<<"${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN}"
     for b in "${lbs[@]}"; do
+      # --deadline: stop the solo re-sends in time for the records to be written
       (timeout -k 10 "$(left 5)" python3 benchmarks/load_test.py --launch --model "$SMOLLM2" --backends "$b" \
+        --deadline "$(left 30)" \
         --duration "${LOAD_DURATION:-90}" --concurrency 64 --max-prompt-tokens 8000 --port "$port" "${inv[@]}" --note "shared GPU: ${LOAD_BACKENDS:-INFINITEHIP,FLASH_ATTN} loaded at the same time" \
         --server-args "--max-model-len 8192 --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 20000000000" \
         --log-dir "$OUT" --out "$OUT/load_$b.json" >"$OUT/load_$b.log" 2>&1) &

@@ -389,6 +389,17 @@ def test_load_records_how_much_decode_replayed_graphs(tmp_path, capsys):
     assert ("FAKE", "decode_graph_replay_fraction") not in _records(out)
 
 
+def test_a_deadline_stops_the_solo_resends_and_still_writes_records(tmp_path, capsys):
+    out = str(tmp_path / "load.json")
+    with FakeServer(Faults(token_delay=0.001)) as fake:
+        # a deadline already past when the load ends: nothing is re-sent alone
+        assert load_test.main(_load_args(fake.url, out, "--deadline", "0.5")) == 0
+    rec = _records(out)[("FAKE", "server_errors")]
+    assert rec["verified_prompts"] == 0 and rec["verified_requests"] == 0
+    assert rec["unverified_prompts"] > 0 and rec["ok"] > 0
+    assert "prompts not re-sent alone (--deadline)" in capsys.readouterr().out
+
+
 def test_load_counts_injected_server_errors_exactly(tmp_path):
     out = str(tmp_path / "load.json")
     with FakeServer(Faults(fail_every=5, truncate_every=4, token_delay=0.001)) as fake:
