@@ -634,9 +634,7 @@ async def run_load(opt: LoadOptions) -> dict[str, Any]:
         print(f"load phase: ok {interim['ok']}, server errors {interim['server_errors']}, "
               f"{interim['requests_per_s']:.3f} req/s, latency p50 {interim['p50_latency_s']}s "
               f"p99 {interim['p99_latency_s']}s"
-              + ("" if not graphs else f"; decode graphs: {graphs['replays']:.0f} of "
-                 f"{graphs['decode_layer_steps']:.0f} decode layer steps replayed, {graphs['captures']:.0f} captures"),
-              flush=True)  # fmt: skip
+              + ("" if not graphs else f"; {graph_use_text(graphs)}"), flush=True)  # fmt: skip
 
         # Alone, one at a time: the reference each loaded output must equal.
         used = sorted({r.prompt_id for r in results if r.kind in ("ok", "cancelled")})
@@ -684,6 +682,11 @@ async def decode_graph_use(session: aiohttp.ClientSession, base: str) -> dict[st
             "decode_layer_steps": sums["mask_cache_queries"]}  # fmt: skip
 
 
+def graph_use_text(g: dict[str, float]) -> str:
+    return (f"decode graphs: {g['replays']:.0f} of {g['decode_layer_steps']:.0f} decode layer steps "
+            f"replayed, {g['captures']:.0f} captures")  # fmt: skip
+
+
 def print_summary(backend: str, s: dict[str, Any]) -> None:
     def f(x: Any) -> str:
         return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
@@ -697,9 +700,7 @@ def print_summary(backend: str, s: dict[str, Any]) -> None:
           f"p99 {f(s['p99_ttft_s'])}s, host RSS growth {f(s.get('host_rss_growth_mib'))} MiB, "
           f"GPU memory growth {f(s.get('gpu_memory_growth_mib'))} MiB")  # fmt: skip
     if s.get("decode_graphs"):
-        g = s["decode_graphs"]
-        print(f"   decode graphs: {g['replays']:.0f} of {g['decode_layer_steps']:.0f} decode layer steps "
-              f"replayed, {g['captures']:.0f} captures")  # fmt: skip
+        print("  ", graph_use_text(s["decode_graphs"]))
     if s.get("unverified_prompts"):
         print(f"   {s['unverified_prompts']} prompts not re-sent alone (--deadline): their outputs are unchecked")
     for e in s["error_examples"][:5]:

@@ -98,8 +98,9 @@ def simulate(keys, queries, hf_config, context: int, capacities, progress: bool 
              keep_scale: float = 1.0):  # fmt: skip
     from vllm_hip import rope
     from vllm_hip.config import InfiniteHipConfig
+    from vllm_hip.masks import plan_refresh
     from vllm_hip_kernels.prune_reference import select_blocks_reference
-    from vllm_hip_kernels.query_blocks import QueryBlocks
+    from vllm_hip_kernels.query_blocks import build_query_blocks
 
     cfg = InfiniteHipConfig()
     n_layers, total, hkv, d = keys.shape
@@ -128,17 +129,14 @@ def simulate(keys, queries, hf_config, context: int, capacities, progress: bool 
         inputs = None
         for t in range(n_steps):
             pos = total - n_steps + t
-            shifted = pos + phase
-            first = next((s for s in range(len(intervals)) if shifted % intervals[s] == 0), None)
-            if t == 0:
-                first = 0  # a cold start: the whole pruning
-            if first is None:
-                continue
-            w0 = max(cfg.sink_tokens, pos - cfg.window_tokens + 1)
-            qb = QueryBlocks(seq=torch.tensor([0], dtype=torch.int32), q_start=torch.tensor([0], dtype=torch.int32),
-                             q_len=torch.tensor([1], dtype=torch.int32), pos=torch.tensor([pos], dtype=torch.int32),
-                             window_start=torch.tensor([w0], dtype=torch.int32), max_q_len=1,
-                             max_window_start=w0, max_seq_len=pos + 1)  # fmt: skip
+            # the decode row's query block and the backend's refresh plan for it
+            qb = build_query_blocks(torch.tensor([0, 1]), torch.tensor([pos + 1]), block_size_q=cfg.block_size_q,
+                                    sink_tokens=cfg.sink_tokens, window_tokens=cfg.window_tokens)  # fmt: skip
+            plan = plan_refresh(qb, torch.tensor([True]), tuple(intervals), sink_tokens=cfg.sink_tokens,
+                                window_tokens=cfg.window_tokens, k_tokens=stages[-1].keep_tokens, phase=phase)  # fmt: skip
+            first = 0 if t == 0 else int(plan.first[0])  # t == 0: a cold start, the whole pruning
+            if first == len(intervals):
+                continue  # reuses its selection
             reads: dict[int, list[torch.Tensor]] = {}
 
             def on_read(stage, seq, tok, read):

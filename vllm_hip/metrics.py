@@ -151,7 +151,7 @@ COUNTERS: tuple[MetricSpec, ...] = (
     MetricSpec("exact_fallbacks", "counter",
                "Steps attended exactly because the context fits sink + window + k."),
     MetricSpec("decode_graph_replays", "counter",
-               "Layer steps served by replaying a CUDA graph (decode steps that reuse every selection)."),
+               "Layer steps served by replaying a CUDA graph (decode_graphs: decode-only steps)."),
     MetricSpec("decode_graph_captures", "counter",
                "CUDA graphs captured for decode steps (per layer and batch layout)."),
     MetricSpec("steps", "counter", "Forward steps that ran the INFINITEHIP backend."),
